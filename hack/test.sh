@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine, in one command:
+#   ./hack/test.sh [PYTEST ARGS...]
+# Installs what the tests need (the package with its test extras, podman and the
+# locally built images), checks style, types and layering, then runs pytest.
+# Takes a few minutes; the first run on a new machine adds about a minute for
+# packages and images. CI (.ci/run) runs exactly this with CI=true, where a
+# test whose prerequisite is missing fails instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "python package and test tools"
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test,kubernetes]'
+
+step "container engine and images (hack/container-setup.sh, hack/build-seed-image.sh)"
+bash hack/container-setup.sh
+bash hack/build-seed-image.sh
+
+step "lint, types, layers"
+ruff check sidecar tests runtimes
+mypy
+lint-imports
+
+step "tests"
+python3 -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Entry points: ``aisetl`` (daemons, local cluster) and ``ais`` (the client)."""

@@ -1,0 +1,1 @@
+"""ETL: reconcile declarations into transformers, communicators, offline jobs."""

@@ -1,0 +1,1 @@
+"""The gateway: stateless front door; validates, redirects, fans out, aggregates."""

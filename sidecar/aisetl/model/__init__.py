@@ -1,0 +1,1 @@
+"""Pure domain model: names, declarations, placement, errors. No I/O here."""

@@ -1,0 +1,1 @@
+"""Transformer launchers: local processes and containers, or Kubernetes pods."""

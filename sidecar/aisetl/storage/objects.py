@@ -1,0 +1,231 @@
+"""Objects as files on a target's disk, written so that nothing half-done shows.
+
+Layout under the target's data dir::
+
+    buckets/<bucket>/<object name>    the objects (names may contain '/')
+    tmp/                              uploads in flight (emptied at start-up)
+    trash/                            destroyed buckets, removed in the background
+
+A PUT streams into a temporary file, fsyncs it, records size and checksum in
+extended attributes and renames it into place: a reader sees the old object or
+the new one, never a partial one, and an upload cut off midway leaves only a
+temporary file that is deleted at once (or at the next start-up).
+
+Checksums are CRC-32 (zlib, several GB/s): an integrity check, not a content
+address. Reads are served by the caller with sendfile (``FileResponse``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aisetl.model.errors import Conflict, InvalidName, ObjectNotFound
+from aisetl.model.names import validate_bucket, validate_object
+
+XATTR_CKSUM = "user.aisetl.cksum"
+CKSUM_TYPE = "crc32"
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    name: str
+    size: int
+    checksum: str
+    mtime: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "size": self.size, "checksum": self.checksum,
+                "checksum_type": CKSUM_TYPE, "mtime": self.mtime}
+
+
+class ObjectStore:
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(data_dir)
+        self.buckets = self.root / "buckets"
+        self.tmp = self.root / "tmp"
+        self.trash = self.root / "trash"
+        for d in (self.buckets, self.tmp, self.trash):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():  # uploads cut off by a crash
+            leftover.unlink(missing_ok=True)
+        for leftover in self.trash.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._xattrs = self._probe_xattrs()
+
+    def _probe_xattrs(self) -> bool:
+        probe = self.tmp / f"probe-{uuid.uuid4().hex}"
+        probe.touch()
+        try:
+            os.setxattr(probe, XATTR_CKSUM, b"0")
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
+
+    # --- paths -----------------------------------------------------------------------
+    def path(self, bucket: str, obj: str) -> Path:
+        validate_bucket(bucket)
+        validate_object(obj, bucket)
+        return self.buckets / bucket / obj
+
+    # --- writes ----------------------------------------------------------------------
+    async def put(self, bucket: str, obj: str, chunks: AsyncIterable[bytes]) -> ObjectMeta:
+        """Stream ``chunks`` into ``bucket/obj``; atomic and durable on return."""
+        final = self.path(bucket, obj)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        crc = 0
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                async for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+                await asyncio.to_thread(os.fsync, fd)
+                cksum = f"{crc:08x}"
+                if self._xattrs:
+                    os.setxattr(fd, XATTR_CKSUM, cksum.encode())
+            finally:
+                os.close(fd)
+            self._install(tmp, final, bucket, obj)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return ObjectMeta(obj, size, cksum, time.time())
+
+    def _install(self, tmp: Path, final: Path, bucket: str, obj: str) -> None:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            os.replace(tmp, final)
+        except (NotADirectoryError, FileExistsError, IsADirectoryError) as e:
+            raise Conflict(
+                f"object name {obj!r} clashes with an existing object: one name cannot be both "
+                "an object and a prefix ('a' and 'a/b'); rename one of them",
+                bucket=bucket, object=obj) from e
+
+    async def delete(self, bucket: str, obj: str) -> None:
+        p = self.path(bucket, obj)
+        try:
+            if p.is_dir():
+                raise FileNotFoundError
+            p.unlink()
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise ObjectNotFound(f"object {bucket}/{obj} does not exist",
+                                 bucket=bucket, object=obj) from e
+        self._prune_dirs(p.parent, self.buckets / bucket)
+
+    @staticmethod
+    def _prune_dirs(d: Path, stop: Path) -> None:
+        while d != stop and stop in d.parents:
+            try:
+                d.rmdir()
+            except OSError:
+                return
+            d = d.parent
+
+    def destroy_bucket(self, bucket: str) -> None:
+        """Remove a bucket's data: renamed into trash at once, deleted after."""
+        validate_bucket(bucket)
+        src = self.buckets / bucket
+        if not src.exists():
+            return
+        dst = self.trash / f"{bucket}.{uuid.uuid4().hex[:8]}"
+        os.replace(src, dst)
+        shutil.rmtree(dst, ignore_errors=True)
+
+    # --- reads -----------------------------------------------------------------------
+    def head(self, bucket: str, obj: str) -> ObjectMeta:
+        p = self.path(bucket, obj)
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise ObjectNotFound(f"object {bucket}/{obj} does not exist",
+                                 bucket=bucket, object=obj) from e
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFound(f"object {bucket}/{obj} does not exist",
+                                 bucket=bucket, object=obj)
+        return ObjectMeta(obj, st.st_size, self._cksum(p), st.st_mtime)
+
+    def _cksum(self, p: Path) -> str:
+        if not self._xattrs:
+            return ""
+        try:
+            return os.getxattr(p, XATTR_CKSUM).decode()
+        except OSError:
+            return ""
+
+    def listing(self, bucket: str, prefix: str = "", start_after: str = "",
+             limit: int = 1000, with_checksum: bool = False) -> list[ObjectMeta]:
+        """Up to ``limit`` objects in name order, names > start_after, with prefix."""
+        validate_bucket(bucket)
+        if "\x00" in prefix:
+            raise InvalidName("prefix contains a NUL byte", bucket=bucket)
+        root = self.buckets / bucket
+        out: list[ObjectMeta] = []
+
+        def walk(d: Path, rel: str) -> bool:
+            try:
+                entries = list(os.scandir(d))
+            except (FileNotFoundError, NotADirectoryError):
+                return True
+            # sort so that the walk yields full names in lexicographic order:
+            # a directory 'a' sorts as 'a/' among its siblings
+            entries.sort(key=lambda e: e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+            for e in entries:
+                name = rel + e.name
+                if e.is_dir(follow_symlinks=False):
+                    sub = name + "/"
+                    if not (sub.startswith(prefix) or prefix.startswith(sub)):
+                        continue
+                    if start_after and sub <= start_after[: len(sub)] and \
+                            not start_after.startswith(sub):
+                        continue
+                    if not walk(Path(e.path), sub):
+                        return False
+                elif e.is_file(follow_symlinks=False):
+                    if not name.startswith(prefix) or name <= start_after:
+                        continue
+                    st = e.stat()
+                    out.append(ObjectMeta(name, st.st_size,
+                                          self._cksum(Path(e.path)) if with_checksum else "",
+                                          st.st_mtime))
+                    if len(out) >= limit:
+                        return False
+            return True
+
+        walk(root, "")
+        return out
+
+    def iter_names(self, bucket: str) -> list[str]:
+        """All object names of a bucket on this target (for offline jobs)."""
+        names: list[str] = []
+        start = ""
+        while True:
+            page = self.listing(bucket, start_after=start, limit=10_000)
+            names.extend(m.name for m in page)
+            if len(page) < 10_000:
+                return names
+            start = page[-1].name
+
+    def bucket_dirs(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(p.name for p in self.buckets.iterdir() if p.is_dir())
+        return []

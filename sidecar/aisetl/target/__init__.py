@@ -1,0 +1,1 @@
+"""The storage target: stores the objects HRW assigns to it and runs transformers."""
