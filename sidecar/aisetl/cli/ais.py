@@ -18,7 +18,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from aisetl.cli.client import BLOCK, ApiError, Client
 from aisetl.model.errors import AisError
@@ -173,7 +172,8 @@ def cmd_show_cluster(c: Client, a: argparse.Namespace) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------
-EXTENSIONS: list[Callable[[Any], None]] = []
+# Modules that add commands: each has register(subparsers).
+EXTENSION_MODULES = ["aisetl.cli.ais_etl"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc = ssub.add_parser("cluster", help="live targets", description="List live targets.")
     sc.set_defaults(fn=cmd_show_cluster)
 
-    for extend in EXTENSIONS:
-        extend(sub)
+    import importlib
+
+    for name in EXTENSION_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aisetl.cli import ais_etl  # noqa: F401 - registers `ais etl` and `ais wait`
-
     args = build_parser().parse_args(argv)
     endpoint = os.environ.get("AIS_ENDPOINT", "http://localhost:8080")
     client = Client(endpoint)

@@ -30,6 +30,7 @@ class ClusterView:
         self.by_id: dict[str, TargetInfo] = {}
         self.buckets: dict[str, BucketInfo] = {}
         self.ready = asyncio.Event()
+        self._changed = asyncio.Condition()
         self._listeners: list[Callable[[str], Awaitable[None]]] = []
 
     def on_change(self, fn: Callable[[str], Awaitable[None]]) -> None:
@@ -51,6 +52,8 @@ class ClusterView:
                     await self.refresh(kind)
                     if kind in (TARGETS, BUCKETS):
                         self.ready.set()
+                    async with self._changed:
+                        self._changed.notify_all()
                     for fn in self._listeners:
                         try:
                             await fn(kind)
@@ -72,6 +75,12 @@ class ClusterView:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    async def wait_change(self, timeout: float) -> None:
+        """Sleep until the store reports any change, or ``timeout`` passes."""
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
 
     # --- queries -----------------------------------------------------------------------
     def owner(self, bucket: str, obj: str) -> TargetInfo:

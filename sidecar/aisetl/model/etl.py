@@ -41,7 +41,9 @@ COMM_TYPES = ("hpush://", "hrev://", "hpull://")
 RUNTIMES = ("python3", "python2")
 KINDS = ("build", "init")
 DEFAULT_WAIT_TIMEOUT = "2m"
-ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# IDs become ConfigMap names (lowercased, '_' -> '-') and label values: at most
+# 40 characters, a letter first, a letter or digit last.
+ID_RE = re.compile(r"^[A-Za-z](?:[A-Za-z0-9_-]{0,38}[A-Za-z0-9])?$")
 ETL_LABEL = "aisetl.io/etl"
 PART_OF = "app.kubernetes.io/part-of"
 MAX_CODE_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB in all
@@ -56,11 +58,18 @@ def new_etl_id(rng: random.Random | None = None) -> str:
     return first + "".join(r.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
+RESERVED_IDS = {"init", "build", "list", "stop", "logs", "objects"}
+
+
 def validate_etl_id(etl_id: str, field_name: str = "id") -> str:
+    if isinstance(etl_id, str) and etl_id.lower() in RESERVED_IDS:
+        raise InvalidSpec(f"{field_name}: {etl_id!r} is reserved by the API: choose another "
+                          "name", field=field_name)
     if not isinstance(etl_id, str) or not ID_RE.match(etl_id):
         raise InvalidSpec(
-            f"{field_name}: {etl_id!r} is not a valid ETL ID: use 1-64 letters, digits, "
-            "'-' or '_', starting with a letter (e.g. 'md5-etl')",
+            f"{field_name}: {etl_id!r} is not a valid ETL ID: use 1-40 letters, digits, "
+            "'-' or '_', starting with a letter and ending with a letter or digit "
+            "(e.g. 'md5-etl')",
             field=field_name,
         )
     return etl_id

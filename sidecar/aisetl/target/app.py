@@ -5,6 +5,9 @@ Routes (a gateway redirects clients here; peers call them directly)::
     PUT|GET|HEAD|DELETE /v1/objects/<bucket>/<object>   one object
     GET    /v1/buckets/<bucket>?prefix=&start_after=&limit=   this target's listing
     DELETE /v1/buckets/<bucket>                          drop this target's data of a bucket
+    GET    /v1/etl/objects/<secret>/<bucket>/<object>    raw object (AIS_TARGET_URL)
+    GET    /v1/etl/local                                 this target's ETL statuses
+    GET    /v1/etl/<id>/logs?tail=N                      its transformer's last log lines
     GET    /v1/health                                    200 once joined
     GET    /metrics                                      Prometheus text
 
@@ -16,18 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator
 
+import aiohttp
 import structlog
 from aiohttp import web
 
 from aisetl.control.base import ControlStore
 from aisetl.control.view import ClusterView
+from aisetl.etl.communicators import InlineTransformer, serve_raw, session_for_transformers
+from aisetl.etl.manager import EtlManager
 from aisetl.model.cluster import TargetInfo
 from aisetl.model.errors import InvalidRequest
 from aisetl.model.names import validate_bucket
 from aisetl.observability.http import METRICS, make_middleware, metrics_handler
 from aisetl.observability.metrics import Metrics
+from aisetl.orchestrator.base import Orchestrator, TransformerContext
 from aisetl.settings import CHUNK_SIZE, TargetSettings
 from aisetl.storage.objects import CKSUM_TYPE, ObjectStore
 
@@ -73,10 +81,8 @@ async def get_object(request: web.Request) -> web.StreamResponse:
     bucket, obj = await _existing(request)
     etl_id = request.query.get("uuid") or request.query.get("etl_name")
     if etl_id:
-        transform = request.app.get(INLINE_TRANSFORM)
-        if transform is None:
-            raise InvalidRequest("this target runs no ETLs", etl=etl_id)
-        return await transform(request, bucket, obj, etl_id)
+        structlog.contextvars.bind_contextvars(etl=etl_id)
+        return await request.app[INLINE](request, bucket, obj, etl_id)
     return await serve_object(request, bucket, obj)
 
 
@@ -164,9 +170,67 @@ async def _view(app: web.Application) -> AsyncIterator[None]:
     await ClusterView.stop(task)
 
 
-# Set by the ETL layer: (request, bucket, obj, etl_id) -> response.
-InlineTransform = Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]]
-INLINE_TRANSFORM: web.AppKey[InlineTransform] = web.AppKey("inline_transform")
+# --- ETL ---------------------------------------------------------------------------------
+async def raw_for_transformer(request: web.Request) -> web.StreamResponse:
+    bucket, obj = _names(request)
+    store = request.app[STORE]
+    store.path(bucket, obj)
+    return await serve_raw(request, store, request.app[SECRET], bucket, obj)
+
+
+async def etl_logs(request: web.Request) -> web.Response:
+    slot = request.app[MANAGER].get(request.match_info["etl_id"])
+    try:
+        tail = int(request.query.get("tail", "200"))
+    except ValueError as e:
+        raise InvalidRequest("tail: must be a whole number of lines", field="tail") from e
+    t = slot.transformer
+    text = await t.logs(tail) if t is not None else f"(no transformer: {slot.status.reason})"
+    return web.Response(text=text)
+
+
+async def etl_local(request: web.Request) -> web.Response:
+    slots = request.app[MANAGER].slots
+    return web.json_response({i: s.status.to_dict() for i, s in slots.items()})
+
+
+def _make_orchestrator(settings: TargetSettings, session: aiohttp.ClientSession
+                       ) -> Orchestrator:
+    if settings.orchestrator == "kubernetes":
+        from aisetl.orchestrator import kubernetes as k8s  # type: ignore[attr-defined]
+
+        return k8s.KubernetesOrchestrator.from_environment(session)  # type: ignore[no-any-return]
+    from aisetl.orchestrator.local import LocalOrchestrator
+
+    return LocalOrchestrator(settings.etl.runtimes_dir, session, settings.etl.workers,
+                             settings.etl.container_engine)
+
+
+async def _etl(app: web.Application) -> AsyncIterator[None]:
+    settings, me = app[SETTINGS], app[SELF]
+    session = session_for_transformers(settings.etl.connections_per_transformer)
+    orchestrator = _make_orchestrator(settings, session)
+    ctx = TransformerContext(target_id=me.id, target_url=me.url, secret=app[SECRET],
+                             work_dir=settings.data_dir / "etl",
+                             cache_dir=settings.state_dir / "cache", node=me.node)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    await orchestrator.cleanup_stale(ctx)
+    manager = EtlManager(app[CONTROL], orchestrator, ctx, app[METRICS], settings.etl)
+    app[MANAGER] = manager
+    app[TRANSFORM_SESSION] = session
+    app[INLINE] = InlineTransformer(manager, app[STORE], session, app[METRICS])
+    app[VIEW].on_change(manager.on_change)
+    yield
+    await manager.close()
+    await orchestrator.close()
+    await session.close()
+
+
+SECRET: web.AppKey[str] = web.AppKey("secret", str)
+MANAGER: web.AppKey[EtlManager] = web.AppKey("manager", EtlManager)
+INLINE: web.AppKey[InlineTransformer] = web.AppKey("inline", InlineTransformer)
+TRANSFORM_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("tsession",
+                                                                  aiohttp.ClientSession)
 
 OBJ = "/v1/objects/{bucket}/{obj:.+}"
 
@@ -182,6 +246,8 @@ def create_app(settings: TargetSettings, control: ControlStore, me: TargetInfo,
     app[SELF] = me
     app[STORE] = ObjectStore(settings.data_dir)
     app[VIEW] = ClusterView(control)
+    app[SECRET] = secrets.token_urlsafe(18)
+    app.cleanup_ctx.append(_etl)  # registers its watch listener before the view starts
     app.cleanup_ctx.append(_view)
     app.cleanup_ctx.append(_heartbeat)
     app.router.add_put(OBJ, put_object)
@@ -190,6 +256,9 @@ def create_app(settings: TargetSettings, control: ControlStore, me: TargetInfo,
     app.router.add_delete(OBJ, delete_object)
     app.router.add_get("/v1/buckets/{bucket}", list_local)
     app.router.add_delete("/v1/buckets/{bucket}", destroy_local)
+    app.router.add_get("/v1/etl/objects/{secret}/{bucket}/{obj:.+}", raw_for_transformer)
+    app.router.add_get("/v1/etl/local", etl_local)
+    app.router.add_get("/v1/etl/{etl_id}/logs", etl_logs)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics_handler)
     return app
