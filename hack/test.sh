@@ -23,6 +23,10 @@ step "container engine and images (hack/container-setup.sh, hack/build-seed-imag
 bash hack/container-setup.sh
 bash hack/build-seed-image.sh
 
+step "helm, kubectl, kubernetes-validate (hack/install-tools.sh)"
+bash hack/install-tools.sh
+export PATH="${AISETL_CACHE:-$HOME/.cache/aisetl}/bin:$PATH"
+
 step "lint, types, layers"
 ruff check sidecar tests runtimes
 mypy
