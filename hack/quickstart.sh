@@ -38,6 +38,23 @@ run ais get transform/shard.in -
 run ais ls transform
 run ais show cluster
 
+cat > "$STATE/code.py" <<'PY'
+import hashlib
+
+def transform(input_bytes):
+    md5 = hashlib.md5()
+    md5.update(input_bytes)
+    return md5.hexdigest().encode()
+PY
+cd "$STATE"
+run ais etl build --from-file=code.py --runtime=python3
+ETL_ID=$(ais etl ls | awk 'NR==2 {print $1}')
+run ais etl ls
+run ais etl object "$ETL_ID" transform/shard.in -
+echo
+run ais etl stop "$ETL_ID"
+cd - > /dev/null
+
 if [[ "${1:-}" == "--keep" ]]; then
   echo "cluster stays up at $AIS_ENDPOINT; Ctrl-C stops it"
   wait "$UP_PID"

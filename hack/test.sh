@@ -23,6 +23,11 @@ step "container engine and images (hack/container-setup.sh, hack/build-seed-imag
 bash hack/container-setup.sh
 bash hack/build-seed-image.sh
 
+step "wheels for build-ETL dependency tests (pip installs from this wheelhouse, offline)"
+WHEELHOUSE="${AISETL_CACHE:-$HOME/.cache/aisetl}/wheelhouse"
+mkdir -p "$WHEELHOUSE"
+python3 -m pip download --quiet --disable-pip-version-check -d "$WHEELHOUSE" Pillow numpy
+
 step "helm, kubectl, kubernetes-validate (hack/install-tools.sh)"
 bash hack/install-tools.sh
 export PATH="${AISETL_CACHE:-$HOME/.cache/aisetl}/bin:$PATH"

@@ -137,14 +137,15 @@ class EtlManager:
                 slot.transformer = t
                 await t.wait_ready(decl.wait_timeout_seconds)
             except AisError as e:
-                reason = f"target {self.ctx.target_id}: {e.message}"
+                reason = e.message
                 log.warning("transformer failed to start", etl=decl.id, reason=e.message)
                 if t is not None:
                     await t.stop()
                 slot.transformer = None
                 await self._report(decl.id, EtlStatus(FAILED, reason, restarts,
                                                        fingerprint=slot.fingerprint,
-                                                       updated=self.clock()))
+                                                       updated=self.clock(),
+                                                       error=type(e).__name__))
                 if not was_ready:
                     return  # init failed: the gateway cleans up
                 await asyncio.sleep(backoff)

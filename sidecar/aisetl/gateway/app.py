@@ -233,7 +233,8 @@ def create_app(settings: GatewaySettings, control: ControlStore,
     app.router.add_get("/v1/daemon", cluster_map)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics_handler)
-    from aisetl.gateway import etl
+    from aisetl.gateway import etl, jobs
 
     etl.setup(app)
+    jobs.setup(app)
     return app

@@ -86,8 +86,10 @@ async def deploy(request: web.Request, decl: EtlDeclaration) -> web.Response:
                 ok = True
                 return web.Response(text=decl.id + "\n")
             if state == FAILED:
-                raise EtlFailed(f"ETL {decl.id} failed to start:\n" + "\n".join(reasons),
-                                etl=decl.id)
+                errors = {s.error for s in statuses.values() if s.state == FAILED}
+                cls = EtlTimeout if errors == {"EtlTimeout"} else EtlFailed
+                raise cls(f"ETL {decl.id} failed to start:\n" + "\n".join(reasons),
+                          etl=decl.id)
             left = deadline - time.monotonic()
             if left <= 0:
                 waiting = [t for t in targets if statuses.get(t, EtlStatus()).state != READY]

@@ -87,9 +87,10 @@ class Unavailable(AisError):
 
 
 class EtlFailed(AisError):
-    """A transformer could not start or became unusable."""
+    """A transformer could not start: the declaration cannot run as given
+    (its code or image crashed, its dependencies did not install)."""
 
-    status = 500
+    status = 422
 
 
 class TransformError(AisError):

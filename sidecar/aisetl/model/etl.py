@@ -280,7 +280,7 @@ def parse_build(body: Any, comm_type: str | None = None) -> EtlDeclaration:
     deps = _decode(body.get("dependencies"), "dependencies", encoding)
     for n, line in enumerate(deps.splitlines(), 1):
         s = line.strip()
-        if s.startswith("-") and not s.startswith(("-r ", "--index-url", "--extra-index-url")):
+        if s.startswith("-"):
             raise InvalidSpec(f"dependencies: line {n}: pip options are not allowed "
                               f"({s.split()[0]}): list requirements only", field="dependencies")
     etl_id = body.get("id") or body.get("name")

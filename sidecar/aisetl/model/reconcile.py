@@ -54,18 +54,19 @@ class EtlStatus:
     endpoint: str = ""
     fingerprint: str = ""
     updated: float = 0.0
+    error: str = ""  # for Failed: the error class, e.g. EtlTimeout
 
     def to_dict(self) -> dict[str, Any]:
         return {"state": self.state, "reason": self.reason, "restarts": self.restarts,
                 "endpoint": self.endpoint, "fingerprint": self.fingerprint,
-                "updated": self.updated}
+                "updated": self.updated, "error": self.error}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EtlStatus:
         return cls(state=str(d.get("state", INITIALIZING)), reason=str(d.get("reason", "")),
                    restarts=int(d.get("restarts", 0)), endpoint=str(d.get("endpoint", "")),
                    fingerprint=str(d.get("fingerprint", "")),
-                   updated=float(d.get("updated", 0.0)))
+                   updated=float(d.get("updated", 0.0)), error=str(d.get("error", "")))
 
 
 def overall(statuses: dict[str, EtlStatus], targets: list[str]) -> tuple[str, list[str]]:

@@ -77,12 +77,12 @@ async def _wait_http(session: aiohttp.ClientSession, url: str, timeout: float,
         if exited.done():
             reason = exited.result()
             raise EtlFailed(f"{what} exited before it was ready ({reason}); last log lines:\n"
-                            f"{await logs.logs(20)}")
+                            f"{await logs.logs(20) or '(no output)'}")
         if await _probe_http(session, url):
             return
         if time.monotonic() >= deadline:
             raise EtlTimeout(f"{what} was not ready within {timeout:g}s (wait_timeout); "
-                             f"last log lines:\n{await logs.logs(20)}")
+                             f"last log lines:\n{await logs.logs(20) or '(no output)'}")
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 0.5)
 

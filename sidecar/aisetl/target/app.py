@@ -261,4 +261,7 @@ def create_app(settings: TargetSettings, control: ControlStore, me: TargetInfo,
     app.router.add_get("/v1/etl/{etl_id}/logs", etl_logs)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics_handler)
+    from aisetl.target import jobs
+
+    jobs.setup(app)
     return app
