@@ -7,16 +7,15 @@ import hashlib
 import os
 import socket
 import subprocess
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 
 from tests.support.cluster import LocalCluster, http, wait_until
+from tests.support.memory import RssSampler
 
 
 def make_bucket(c: LocalCluster, name: str) -> None:
@@ -159,36 +158,6 @@ def test_metrics_are_served_by_every_process(cluster: LocalCluster) -> None:
     for t in cluster.smap():
         status, body, _ = http("GET", t["url"] + "/metrics")
         assert status == 200 and b"aisetl_object_requests_total" in body
-
-
-class RssSampler:
-    """Peak RSS of some processes, sampled every 20 ms in a thread."""
-
-    def __init__(self, procs: dict[str, psutil.Process]) -> None:
-        self.procs = procs
-        self.base = {k: p.memory_info().rss for k, p in procs.items()}
-        self.peak = dict(self.base)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            for k, p in self.procs.items():
-                try:
-                    self.peak[k] = max(self.peak[k], p.memory_info().rss)
-                except psutil.Error:
-                    pass
-
-    def __enter__(self) -> RssSampler:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-
-    def growth_mib(self) -> dict[str, float]:
-        return {k: (self.peak[k] - self.base[k]) / 2**20 for k in self.procs}
 
 
 @pytest.mark.slow

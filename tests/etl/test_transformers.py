@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cluster.test_objects import RssSampler
 from tests.etl.conftest import WHEELHOUSE
 from tests.etl.helpers import (
     IDENTITY_STREAM_CODE,
@@ -29,6 +28,7 @@ from tests.etl.helpers import (
     transform_get,
 )
 from tests.support.cluster import LocalCluster, http, wait_until
+from tests.support.memory import RssSampler
 from tests.support.prereq import require
 
 
@@ -266,8 +266,8 @@ def test_imagenet_preprocessing_with_dependencies(etl_cluster: LocalCluster,
 
 
 def test_etl_metrics_per_etl_and_comm_type(etl_cluster: LocalCluster) -> None:
-    status, etl_id = build(etl_cluster, MD5_CODE, id="metered", communication_type="hrev://")
-    assert status == 200
+    status, out = build(etl_cluster, MD5_CODE, id="metered", communication_type="hrev://")
+    assert status == 200, out
     try:
         for i in range(6):
             put(etl_cluster, "metered", f"o{i}", b"x" * 100)
