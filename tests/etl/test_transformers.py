@@ -98,25 +98,42 @@ def test_transformer_killed_mid_stream_errors_then_recovers(etl_cluster: LocalCl
     try:
         data = os.urandom(64 << 20)
         put(etl_cluster, "kill", "big", data)
+        started = threading.Event()
         result: dict[str, object] = {}
 
         def fetch() -> None:
+            """Stream the transformed object; say when the first bytes arrived."""
+            import http.client as httpc
+            import urllib.parse as up
+
+            _, _, hdrs = http("GET", f"{etl_cluster.endpoint}/v1/objects/kill/big?uuid=killme")
+            u = up.urlsplit(hdrs["Location"])
+            conn = httpc.HTTPConnection(u.netloc, timeout=60)
             try:
-                result["r"] = transform_get(etl_cluster, "kill", "big", "killme")
-            except Exception as e:  # the connection is cut: that is the expected error
+                conn.request("GET", f"{u.path}?{u.query}")
+                resp = conn.getresponse()
+                got = resp.read(1 << 20)
+                started.set()
+                while chunk := resp.read(1 << 20):
+                    got += chunk
+                result["r"] = (resp.status, len(got))
+            except Exception as e:  # the connection is cut: the error the client must see
                 result["r"] = e
+            finally:
+                started.set()
+                conn.close()
 
         th = threading.Thread(target=fetch)
         th.start()
-        time.sleep(0.5)  # let the stream start: the kill must land mid-stream
+        assert started.wait(60), "the transformed stream never started"
         for p in transformer_pids(etl_cluster, "killme"):
             for child in p.children(recursive=True):
                 child.kill()
             p.kill()
         th.join(60)
         r = result["r"]
-        assert isinstance(r, Exception) or r[0] != 200 or r[1] != data, \
-            "a killed transformer must not look like a success"  # type: ignore[index]
+        assert isinstance(r, Exception) or r != (200, len(data)), \
+            f"a killed transformer must not look like a success: {r}"
 
         def ready_again() -> bool:
             st = etl_status(etl_cluster, "killme")
