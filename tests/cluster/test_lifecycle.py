@@ -97,3 +97,26 @@ def test_up_restarts_a_crashing_child_and_still_stops_cleanly(tmp_path: object) 
     assert c.stop(signal.SIGTERM) == 0
     wait_until(lambda: _all_gone(pids), 15, "every process to exit")
     assert "gateway exited" in c.log.read_text()
+
+
+def test_objects_stay_readable_when_a_target_joins(tmp_path: object) -> None:
+    """HRW moves a quarter of the names to a new target; reads find them where they are."""
+    from pathlib import Path
+
+    state = Path(str(tmp_path)) / "s"
+    with LocalCluster(state, targets=3) as c:
+        make_bucket(c, "grow")
+        for i in range(40):
+            put(c, "grow", f"g{i}", f"v{i}".encode())
+    with LocalCluster(state, targets=4) as c:
+        wait_until(lambda: len(c.smap()) == 4, 20, "4 targets")
+        moved = 0
+        for i in range(40):
+            url = f"{c.endpoint}/v1/objects/grow/g{i}"
+            hops = 0
+            while (r := http("GET", url))[0] == 307:
+                url, hops = r[2]["Location"], hops + 1
+            assert (r[0], r[1]) == (200, f"v{i}".encode())
+            moved += hops == 2  # gateway -> new owner -> the target that holds it
+        assert moved > 0, "some names must now belong to the new target"
+        assert get(c, "grow", "never-written")[0] == 404

@@ -31,7 +31,7 @@ from aisetl.control.view import ClusterView
 from aisetl.etl.communicators import InlineTransformer, serve_raw, session_for_transformers
 from aisetl.etl.manager import EtlManager
 from aisetl.model.cluster import TargetInfo
-from aisetl.model.errors import InvalidRequest
+from aisetl.model.errors import InvalidRequest, ObjectNotFound
 from aisetl.model.names import validate_bucket
 from aisetl.observability.http import METRICS, make_middleware, metrics_handler
 from aisetl.observability.metrics import Metrics
@@ -77,13 +77,52 @@ def _meta_headers(size: int, cksum: str) -> dict[str, str]:
             "X-Ais-Checksum-Value": cksum}
 
 
+LOCAL_ONLY = "X-Aisetl-Local-Only"
+
+
+async def _elsewhere(request: web.Request, bucket: str, obj: str) -> web.Response | None:
+    """A redirect to the live target that holds an object placed elsewhere, if any.
+
+    HRW places by the targets that are live now; an object written while the
+    map was different (a target joined, or came back under another ID) still
+    sits where it was written. Rather than a false 404, the owner asks its
+    peers once (they do not ask further) and redirects to the holder.
+    """
+    if request.headers.get(LOCAL_ONLY):
+        return None
+    me = request.app[SELF].id
+    session = request.app[TRANSFORM_SESSION]
+    # a rare path (a miss): read membership afresh rather than trust the cached view
+    peers = [t for t in await request.app[CONTROL].live_targets() if t.id != me]
+
+    async def probe(url: str) -> bool:
+        try:
+            async with session.head(url + request.path, headers={LOCAL_ONLY: "1"},
+                                    timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    found = await asyncio.gather(*(probe(t.url) for t in peers))
+    for t, ok in zip(peers, found, strict=True):
+        if ok:
+            return web.Response(status=307, headers={"Location": t.url + request.path_qs})
+    return None
+
+
 async def get_object(request: web.Request) -> web.StreamResponse:
     bucket, obj = await _existing(request)
     etl_id = request.query.get("uuid") or request.query.get("etl_name")
-    if etl_id:
-        structlog.contextvars.bind_contextvars(etl=etl_id)
-        return await request.app[INLINE](request, bucket, obj, etl_id)
-    return await serve_object(request, bucket, obj)
+    try:
+        if etl_id:
+            structlog.contextvars.bind_contextvars(etl=etl_id)
+            return await request.app[INLINE](request, bucket, obj, etl_id)
+        return await serve_object(request, bucket, obj)
+    except ObjectNotFound:
+        redirect = await _elsewhere(request, bucket, obj)
+        if redirect is None:
+            raise
+        return redirect
 
 
 async def serve_object(request: web.Request, bucket: str, obj: str) -> web.StreamResponse:
@@ -101,7 +140,13 @@ async def serve_object(request: web.Request, bucket: str, obj: str) -> web.Strea
 
 async def head_object(request: web.Request) -> web.Response:
     bucket, obj = await _existing(request)
-    meta = request.app[STORE].head(bucket, obj)
+    try:
+        meta = request.app[STORE].head(bucket, obj)
+    except ObjectNotFound:
+        redirect = await _elsewhere(request, bucket, obj)
+        if redirect is None:
+            raise
+        return redirect
     request.app[METRICS].object_requests.labels("head").inc()
     headers = _meta_headers(meta.size, meta.checksum)
     headers["Content-Length"] = str(meta.size)
@@ -197,9 +242,9 @@ async def etl_local(request: web.Request) -> web.Response:
 def _make_orchestrator(settings: TargetSettings, session: aiohttp.ClientSession
                        ) -> Orchestrator:
     if settings.orchestrator == "kubernetes":
-        from aisetl.orchestrator import kubernetes as k8s  # type: ignore[attr-defined]
+        from aisetl.orchestrator import kubernetes as k8s
 
-        return k8s.KubernetesOrchestrator.from_environment(session)  # type: ignore[no-any-return]
+        return k8s.KubernetesOrchestrator.from_environment(session)
     from aisetl.orchestrator.local import LocalOrchestrator
 
     return LocalOrchestrator(settings.etl.runtimes_dir, session, settings.etl.workers,
