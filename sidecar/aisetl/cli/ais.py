@@ -173,7 +173,7 @@ def cmd_show_cluster(c: Client, a: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------
 # Modules that add commands: each has register(subparsers).
-EXTENSION_MODULES = ["aisetl.cli.ais_etl"]
+EXTENSION_MODULES = ["aisetl.cli.ais_etl", "aisetl.cli.ais_jobs"]
 
 
 def build_parser() -> argparse.ArgumentParser:

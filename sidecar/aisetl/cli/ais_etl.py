@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aisetl.cli import ais
+from aisetl.cli import ais, ais_jobs
 from aisetl.cli.client import ApiError, Client
 from aisetl.model.errors import AisError
 
@@ -157,6 +157,7 @@ def register(sub: Any) -> None:
     st = esub.add_parser("stop", help="stop ETLs", description="Stop ETLs on every target.")
     st.add_argument("ids", nargs="+", metavar="ID")
     st.set_defaults(fn=cmd_stop)
+    ais_jobs.register_etl(esub)
 
 
 __all__ = ["ApiError", "register"]

@@ -129,6 +129,7 @@ class OfflineJob:
             except (FileNotFoundError, NotADirectoryError):
                 names = []
             p.total = len(names)
+            await self._save()  # from now on a restart of this target resumes the share
             log.info("offline job started", xaction=job.id, objects=len(names),
                      dry_run=job.dry_run, attempt=p.attempt)
             it = iter(names)

@@ -136,7 +136,13 @@ async def _status(request: web.Request, job: Job, method: str = "GET",
             per[tid] = a
             continue
         saved = await control.get_xaction(report_key(job.id, tid))
-        per[tid] = Progress.from_dict(saved) if saved else None
+        p = Progress.from_dict(saved) if saved else None
+        if job.aborted and a.endswith("HTTP 404"):
+            # restarted after the abort: it will not resume an aborted job
+            p = p or Progress(tid)
+            p.finished, p.aborted = True, True
+            p.reason = p.reason or "aborted while the target was away"
+        per[tid] = p
         notes[tid] = f"{a}; " + ("showing its last saved report" if saved else
                                  "no report saved yet")
     return aggregate(job, per, notes)

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from aisetl.model.errors import InvalidRequest, InvalidName
+from aisetl.model.errors import InvalidName, InvalidRequest
 from aisetl.model.names import validate_bucket, validate_object
 
 KIND = "etlbck"
@@ -47,7 +47,7 @@ _EXT_RE = re.compile(r"^[^/\x00]{0,64}$")
 # --- naming ---------------------------------------------------------------------------------
 def _split_ext(name: str) -> tuple[str, str | None]:
     """``a/b.tar.gz`` -> (``a/b.tar``, ``gz``); no extension -> (name, None)."""
-    head, _, last = name.rpartition("/")
+    last = name.rpartition("/")[2]
     dot = last.rfind(".")
     if dot <= 0:
         return name, None
@@ -312,8 +312,8 @@ def aggregate(job: Job, per_target: dict[str, Progress | None],
     ``per_target[t] is None`` means target ``t`` has not reported anything
     (not started yet, or unreachable with no saved report); ``notes`` says why.
     The state is ``running`` (``aborting`` once aborted) until every target
-    finished, then ``aborted`` if the job or any share of it aborted, ``failed`` if any object failed, else
-    ``finished``.
+    finished, then ``aborted`` if the job or any share of it aborted,
+    ``failed`` if any object failed, else ``finished``.
     """
     notes = notes or {}
     targets: dict[str, Any] = {}

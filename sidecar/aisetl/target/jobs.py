@@ -70,7 +70,8 @@ async def abort_job(request: web.Request) -> web.Response:
 
 async def _jobs(app: web.Application) -> AsyncIterator[None]:
     settings, me = app[SETTINGS], app[SELF]
-    conn = aiohttp.TCPConnector(limit=0, limit_per_host=max(16, settings.etl.offline_concurrency * 2))
+    per_peer = max(16, settings.etl.offline_concurrency * 2)
+    conn = aiohttp.TCPConnector(limit=0, limit_per_host=per_peer)
     peers = aiohttp.ClientSession(connector=conn, auto_decompress=False,
                                   timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
                                                                 sock_read=600))
