@@ -52,6 +52,9 @@ ETL_ID=$(ais etl ls | awk 'NR==2 {print $1}')
 run ais etl ls
 run ais etl object "$ETL_ID" transform/shard.in -
 echo
+run 'XACT_ID=$(ais etl bucket "$ETL_ID" transform transform-md5)'
+run ais wait xaction '"$XACT_ID"'
+run ais ls transform-md5
 run ais etl stop "$ETL_ID"
 cd - > /dev/null
 
