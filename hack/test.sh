@@ -32,6 +32,9 @@ step "helm, kubectl, kubernetes-validate (hack/install-tools.sh)"
 bash hack/install-tools.sh
 export PATH="${AISETL_CACHE:-$HOME/.cache/aisetl}/bin:$PATH"
 
+step "kube-apiserver, etcd, kube-controller-manager binaries (hack/k8s-binaries.sh; ~7 min once, then cached)"
+bash hack/k8s-binaries.sh
+
 step "lint, types, layers"
 ruff check sidecar tests runtimes
 mypy

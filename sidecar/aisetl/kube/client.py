@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import kubernetes  # type: ignore[import-untyped]
-from kubernetes.watch.watch import iter_resp_lines  # type: ignore[import-untyped]
+import kubernetes
+from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger("aisetl.kube")
 
@@ -101,21 +101,23 @@ class Kube:
         """In-cluster service account when running in a pod, else $KUBECONFIG."""
         config = kubernetes.client.Configuration()
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config(client_configuration=config)
+            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=config)
             ns_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
             if namespace is None and os.path.exists(ns_file):
                 with open(ns_file) as f:
                     namespace = f.read().strip()
         else:
-            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
-                                               client_configuration=config)
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG"), client_configuration=config)
         return cls(kubernetes.client.ApiClient(config), namespace or "default", settings)
 
     @classmethod
     def from_kubeconfig(cls, path: str, namespace: str,
                         settings: KubeSettings | None = None) -> Kube:
         config = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=path, client_configuration=config)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, client_configuration=config)
         return cls(kubernetes.client.ApiClient(config), namespace, settings)
 
     def close(self) -> None:
@@ -180,7 +182,7 @@ class Kube:
         raw = resp.response  # urllib3 response, not read yet
         on_open(raw)
         try:
-            for line in iter_resp_lines(raw):
+            for line in iter_resp_lines(raw):  # type: ignore[no-untyped-call]
                 if line:
                     yield json.loads(line)
         finally:
@@ -193,7 +195,7 @@ def _decode(status: int, raw: bytes) -> Obj:
     except ValueError:
         doc = {"message": raw[:500].decode(errors="replace")}
     if 200 <= status < 300:
-        return doc  # type: ignore[no-any-return]
+        return doc
     cls = Gone if status == 410 else KubeError
     raise cls(status, str(doc.get("reason", "")), str(doc.get("message", doc)))
 
@@ -245,7 +247,7 @@ class Informer:
         if resp is not None:  # unblock a read in progress
             try:
                 resp.shutdown()
-            except Exception:  # noqa: S110 - best effort: the thread also checks _stop
+            except Exception:  # best effort: the thread also checks _stop
                 pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)

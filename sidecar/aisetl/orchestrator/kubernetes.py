@@ -297,7 +297,7 @@ class KubernetesOrchestrator(Orchestrator):
             if e.status != 404:
                 log.warning("could not delete transformer pod", pod=name, error=str(e))
 
-    # --- pods --------------------------------------------------------------------------------------
+    # --- pods ------------------------------------------------------------------------------
     def pod_manifest(self, decl: EtlDeclaration, ctx: TransformerContext,
                      owner: Obj) -> tuple[Obj, int]:
         """The pod for ``decl`` on this target, and the port it serves on."""
