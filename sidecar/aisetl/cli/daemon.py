@@ -39,9 +39,9 @@ def make_control(kind: str, state_dir: Path, cluster: ClusterSettings) -> Contro
         return LocalControlStore(state_dir, dead_after=cluster.dead_after,
                                  poll_interval=cluster.poll_interval)
     if kind == "kubernetes":
-        from aisetl.control import kubernetes as k8s  # type: ignore[attr-defined]
+        from aisetl.control import kubernetes as k8s
 
-        return k8s.KubernetesControlStore.from_environment()  # type: ignore[no-any-return]
+        return k8s.KubernetesControlStore.from_environment()
     raise SystemExit(f"aisetl: --control {kind!r}: use 'local' or 'kubernetes'")
 
 
