@@ -36,6 +36,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from aisetl.kube.client import Kube, KubeError, Obj
 from tests.support.prereq import require
@@ -235,6 +236,30 @@ def kubelet(ns: Namespace) -> Kubelet:
     return Kubelet(ns.kube)
 
 
+@pytest.fixture(scope="session")
+def helm() -> str:
+    path = tool("helm")
+    require(path is not None, "helm", "hack/install-tools.sh")
+    assert path is not None
+    return path
+
+
+def run(*argv: str) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"{' '.join(argv[:3])} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def kubeconfig_for(ns: Namespace, sa: str, path: Path) -> Path:
+    """A kubeconfig whose user is ServiceAccount ``sa`` of ``ns`` (a 1 h token)."""
+    token = ns.cp.kubectl("-n", ns.name, "create", "token", sa, "--duration", "1h").stdout
+    admin = yaml.safe_load(Path(ns.cp.kubeconfig).read_text())
+    admin["users"] = [{"name": sa, "user": {"token": token.strip()}}]
+    admin["contexts"][0]["context"] = {"cluster": "aisetl", "user": sa, "namespace": ns.name}
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
 def free_port() -> int:
     import socket
 
@@ -243,21 +268,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-async def runtime_server(tmp_path: Path) -> AsyncIterator[Any]:
-    """Start ``runtimes/python3/server.py`` with given code on a free loopback port."""
-    procs: list[asyncio.subprocess.Process] = []
+class RuntimeServers:
+    """``runtimes/python3/server.py`` processes on loopback, standing in for transformer
+    containers (no kubelet runs them): ``await servers(code, target_url, port=None)``
+    starts one and returns its port; ``await servers.stop(port)`` ends it, as a
+    kubelet ends the container of a deleted pod."""
 
-    async def start(code: str, target_url: str = "") -> int:
-        port = free_port()
-        path = tmp_path / f"code-{port}.py"
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+
+    async def __call__(self, code: str, target_url: str = "", port: int | None = None) -> int:
+        port = port or free_port()
+        path = self.tmp_path / f"code-{port}.py"
         path.write_text(code)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(REPO / "runtimes/python3/server.py"), "--code", str(path),
             "--listen", "127.0.0.1", "--port", str(port), "--workers", "1",
             env={**os.environ, "AIS_TARGET_URL": target_url}, start_new_session=True,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        procs.append(proc)
+        self.procs[port] = proc
         async with aiohttp.ClientSession() as s:
             for _ in range(200):
                 try:
@@ -269,11 +299,20 @@ async def runtime_server(tmp_path: Path) -> AsyncIterator[Any]:
                 await asyncio.sleep(0.05)
         raise AssertionError("runtime server did not come up")
 
-    yield start
-    for p in procs:
+    async def stop(self, port: int) -> None:
+        p = self.procs.pop(port)
         if p.returncode is None:
             os.killpg(p.pid, signal.SIGTERM)
             await p.wait()
+
+
+@pytest.fixture
+async def runtime_server(tmp_path: Path) -> AsyncIterator[RuntimeServers]:
+    """Start ``runtimes/python3/server.py`` with given code on a loopback port."""
+    servers = RuntimeServers(tmp_path)
+    yield servers
+    for port in list(servers.procs):
+        await servers.stop(port)
 
 
 async def eventually(fn: Any, timeout: float = 20.0, what: str = "condition") -> Any:

@@ -9,7 +9,6 @@ the test with a 403.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,34 +18,10 @@ from aisetl.control.kubernetes import KubernetesControlStore
 from aisetl.kube.client import Kube, KubeError
 from aisetl.model.cluster import BucketInfo
 from aisetl.model.reconcile import READY
-from tests.k8s.conftest import REPO, Kubelet, Namespace, eventually, tool
+from tests.k8s.conftest import REPO, Kubelet, Namespace, eventually, kubeconfig_for, run
 from tests.k8s.support import MD5_CODE, RELEASE, build_doc, live_pods_of, running_target
-from tests.support.prereq import require
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    path = tool("helm")
-    require(path is not None, "helm", "hack/install-tools.sh")
-    assert path is not None
-    return path
-
-
-def run(*argv: str) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, f"{' '.join(argv[:3])} failed:\n{proc.stderr}"
-    return proc.stdout
-
-
-def kubeconfig_for(ns: Namespace, sa: str, path: Path) -> Path:
-    token = ns.cp.kubectl("-n", ns.name, "create", "token", sa, "--duration", "1h").stdout
-    admin = yaml.safe_load(Path(ns.cp.kubeconfig).read_text())
-    admin["users"] = [{"name": sa, "user": {"token": token.strip()}}]
-    admin["contexts"][0]["context"] = {"cluster": "aisetl", "user": sa, "namespace": ns.name}
-    path.write_text(yaml.safe_dump(admin))
-    return path
 
 
 async def test_sidecar_works_with_the_chart_service_accounts_and_roles(

@@ -32,7 +32,6 @@ from aisetl.orchestrator.base import Transformer
 from aisetl.settings import CHUNK_SIZE
 from aisetl.storage.objects import ObjectStore
 
-
 # Body chunks sent to a transformer. Measured (hack/bench.py --profile, hpush md5
 # 1 MiB): with 1 MiB chunks most of each write misses the socket buffer and
 # asyncio copies the rest; 256 KiB chunks cut the target's CPU per request ~40%.

@@ -270,9 +270,10 @@ class KubernetesOrchestrator(Orchestrator):
         f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(f)
         try:
-            await asyncio.wait_for(f, timeout)
-        except TimeoutError:
-            pass
+            # not wait_for: on Python 3.11 it swallows a cancel that arrives together
+            # with the wakeup (a stopped ETL whose pod the GC deletes at that moment),
+            # and the cancelled supervisor would then restart the transformer forever
+            await asyncio.wait({f}, timeout=timeout)
         finally:
             self._waiters.discard(f)
 
