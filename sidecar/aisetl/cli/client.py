@@ -101,8 +101,9 @@ class Client:
                     return url
                 headers = http.client.parse_headers(raw.fp)
                 if status in REDIRECTS and headers.get("Location"):
-                    url = headers["Location"]
-                    continue
+                    # the owner target takes the body: do not probe it too (it
+                    # would answer 100 Continue and log the dropped connection)
+                    return str(headers["Location"])
                 n = int(headers.get("Content-Length") or 0)
                 raise ApiError(status, _message(status, raw.fp.read(n) if n else b""))
             finally:

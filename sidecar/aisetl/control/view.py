@@ -73,14 +73,20 @@ class ClusterView:
     @staticmethod
     async def stop(task: asyncio.Task[None]) -> None:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we are being cancelled ourselves: do not swallow it
 
     async def wait_change(self, timeout: float) -> None:
         """Sleep until the store reports any change, or ``timeout`` passes."""
-        async with self._changed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+        # cancellation that arrives together with the wake-up
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait()
 
     # --- queries -----------------------------------------------------------------------
     def owner(self, bucket: str, obj: str) -> TargetInfo:

@@ -32,6 +32,17 @@ from aisetl.settings import EtlSettings
 log = structlog.get_logger("etl")
 
 
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it, without swallowing our own cancellation."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
 @dataclass
 class Slot:
     """One declared ETL on this target."""
@@ -100,9 +111,7 @@ class EtlManager:
         log.info("stopping transformer", etl=etl_id)
         slot.ready.clear()  # no new requests; the slot stays listed until all is gone
         if slot.task is not None:
-            slot.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await slot.task
+            await cancel_and_wait(slot.task)
         if slot.transformer is not None:
             await slot.transformer.stop()
         self.metrics.etl_ready.labels(etl_id).set(0)
