@@ -153,7 +153,7 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     ) -> RuntimeServer:
         directory, interpreter = INTERPRETERS[runtime]
         if interpreter is None:
-            pytest.skip("no Python 2.7 interpreter on this machine")
+            pytest.fail("python2.7 was parametrized without an interpreter (see PYTHON27)")
         n = len(started)
         code_path = tmp_path / f"code{n}.py"
         code_path.write_text(code)
