@@ -146,6 +146,14 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body with one copy: ``request.read()`` copies it twice."""
+    n = request.content_length
+    if n is None:
+        return await request.read()
+    return await request.content.readexactly(n) if n else b""
+
+
 async def _aiter_chunks(content: Any) -> AsyncIterator[bytes]:
     async for chunk in content.iter_chunked(READ_CHUNK):
         yield chunk
@@ -224,7 +232,7 @@ def build_app(module: ModuleType, target_url: str, executor: Any) -> Any:
     async def hpush(request: web.Request) -> web.StreamResponse:
         if transform_stream is not None:
             return await run_stream(request, _aiter_chunks(request.content))
-        return await run_plain(await request.read())
+        return await run_plain(await _read_body(request))
 
     async def from_target(request: web.Request) -> web.StreamResponse:
         bucket = request.match_info["bucket"]
