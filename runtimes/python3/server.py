@@ -146,7 +146,7 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: Any) -> bytes:
     """The whole body with one copy: ``request.read()`` copies it twice."""
     n = request.content_length
     if n is None:
