@@ -36,7 +36,7 @@ step "kube-apiserver, etcd, kube-controller-manager binaries (hack/k8s-binaries.
 bash hack/k8s-binaries.sh
 
 step "lint, types, layers"
-ruff check sidecar tests runtimes
+ruff check sidecar tests runtimes hack
 mypy
 lint-imports
 
