@@ -190,10 +190,11 @@ async def stop_etl(request: web.Request) -> web.Response:
     # wait (bounded) until no target still runs it, so "stopped" means stopped
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        targets = list(view.targets)
         results = await asyncio.gather(
-            *(call_target(request, t, "GET", "/v1/etl/local") for t in view.targets),
+            *(call_target(request, t, "GET", "/v1/etl/local") for t in targets),
             return_exceptions=True)
-        still = [t.id for t, r in zip(view.targets, results, strict=False)
+        still = [t.id for t, r in zip(targets, results, strict=True)
                  if not isinstance(r, BaseException) and r[0] == 200
                  and etl_id in json.loads(r[1])]
         if not still:
