@@ -257,7 +257,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         except (URLError, IOError, socket.error):
             exc = sys.exc_info()[1]
-            log("reading %s failed: %s" % (url, error_text(exc)))
+            # name the object, not the URL: AIS_TARGET_URL carries the target's secret
+            log("reading %s/%s from AIS_TARGET_URL failed: %s"
+                % (unquote(parts[0]), unquote(parts[1]), error_text(exc)))
             self.reply_text(502, error_text(exc))
             return
         self.run_transform(b"".join(chunks))

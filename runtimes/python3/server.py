@@ -255,7 +255,7 @@ def build_app(module: ModuleType, target_url: str, executor: Any) -> Any:
                     return await run_stream(request, _aiter_chunks(upstream.content))
                 data = await upstream.read()
         except ClientError as exc:
-            log(f"reading {url} failed: {error_text(exc)}")
+            log(f"reading {bucket}/{obj} from AIS_TARGET_URL failed: {error_text(exc)}")
             return web.Response(status=502, text=error_text(exc))
         return await run_plain(data)
 

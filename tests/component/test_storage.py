@@ -97,3 +97,23 @@ async def test_leftover_temp_files_are_removed_at_start(tmp_path: Path) -> None:
     (tmp_path / "tmp" / "dead.part").write_bytes(b"partial")
     store = ObjectStore(tmp_path)
     assert list(store.tmp.iterdir()) == []
+
+
+async def test_bucket_destroyed_during_a_put_stores_nothing(tmp_path: Path) -> None:
+    from aisetl.model.errors import BucketNotFound
+
+    store = ObjectStore(tmp_path)
+    await store.put("b", "old", chunks(b"x"))
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"first half "
+        trash = store.destroy_bucket("b")  # the gateway's destroy arrives mid-upload
+        assert trash is not None
+        yield b"second half"
+
+    with pytest.raises(BucketNotFound, match="destroyed while"):
+        await store.put("b", "ghost", slow())
+    assert not (store.buckets / "b").exists(), "the bucket's directory must not come back"
+    assert list(store.tmp.iterdir()) == []
+    await store.put("b", "new", chunks(b"y"))  # a new bucket of that name starts empty
+    assert [m.name for m in store.listing("b")] == ["new"]

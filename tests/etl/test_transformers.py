@@ -347,3 +347,55 @@ def test_1gib_through_hpush_identity_with_bounded_memory(etl_cluster: LocalClust
             assert grown < 96, f"{name} grew {grown:.0f} MiB while 1 GiB streamed"
     finally:
         stop(etl_cluster, "ident")
+
+
+def test_a_stream_cut_off_mid_transform_is_one_line_from_the_cli(
+        etl_cluster: LocalCluster) -> None:
+    import subprocess as sp
+
+    code = ("async def transform_stream(chunks):\n"
+            "    n = 0\n"
+            "    async for c in chunks:\n"
+            "        n += 1\n"
+            "        if n == 2:\n"
+            "            raise RuntimeError('second chunk')\n"
+            "        yield c\n")
+    # hrev: the transformer has read the object and started answering when it fails
+    status, out = build(etl_cluster, code, id="midfail", communication_type="hrev://")
+    assert status == 200, out
+    try:
+        put(etl_cluster, "midfail", "two-mib", os.urandom(2 << 20))
+        r = sp.run(["ais", "etl", "object", "midfail", "midfail/two-mib", "-"],
+                   env={**os.environ, "AIS_ENDPOINT": etl_cluster.endpoint},
+                   capture_output=True, timeout=60)
+        assert r.returncode == 1
+        lines = r.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ais: ") and "cut off" in lines[0], \
+            r.stderr
+    finally:
+        stop(etl_cluster, "midfail")
+
+
+def test_stopping_an_etl_while_it_starts_ends_the_wait(etl_cluster: LocalCluster) -> None:
+    code = "import time\ntime.sleep(60)\ndef transform(b):\n    return b\n"
+    result: dict[str, object] = {}
+
+    def start() -> None:
+        result["r"] = build(etl_cluster, code, id="stopearly", wait_timeout="90s")
+
+    th = threading.Thread(target=start)
+    t0 = time.monotonic()
+    th.start()
+
+    def declared() -> bool:
+        listing = json.loads(http("GET", etl_cluster.endpoint + "/v1/etl/list")[1])
+        return "stopearly" in [e["id"] for e in listing]
+
+    wait_until(declared, 30, "the ETL to be declared")
+    stop(etl_cluster, "stopearly")
+    th.join(60)
+    status, body = result["r"]  # type: ignore[misc]
+    assert status == 409 and "stopped while it was starting" in body, body
+    assert time.monotonic() - t0 < 45, "the build must not wait out its 90 s"
+    wait_until(lambda: not transformer_pids(etl_cluster, "stopearly"), 15,
+               "its transformers to be gone")

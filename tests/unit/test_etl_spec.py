@@ -158,3 +158,11 @@ def test_overall_state() -> None:
     assert overall({"t1": r}, ["t1", "t2"])[0] == INITIALIZING
     assert overall({"t1": r, "t2": i}, ["t1", "t2"])[0] == INITIALIZING
     assert overall({"t1": r, "t2": f}, ["t1", "t2"]) == (FAILED, ["target t2: boom"])
+
+
+def test_env_names_that_cannot_be_environment_variables_are_refused() -> None:
+    spec = SEED_SPEC.replace("      command:",
+                             "      env: [{name: 'A=B', value: x}]\n      command:")
+    with pytest.raises(InvalidSpec) as e:
+        parse_init(spec)
+    assert "spec.containers[0].env[0].name" in e.value.message

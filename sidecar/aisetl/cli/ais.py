@@ -14,6 +14,7 @@ Every failure prints one line ``ais: <what went wrong>`` to stderr and exits 1
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -261,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
-    except OSError as e:
-        print(f"ais: {e}", file=sys.stderr)
+    except (OSError, http.client.HTTPException) as e:
+        print(f"ais: {type(e).__name__}: {e}", file=sys.stderr)
     return 1
 
 

@@ -50,9 +50,14 @@ class Response:
             self.conn.close()
 
     def iter_chunks(self) -> Iterator[bytes]:
+        n = 0
         try:
             while chunk := self.resp.read(BLOCK):
+                n += len(chunk)
                 yield chunk
+        except (http.client.HTTPException, OSError) as e:
+            raise ApiError(0, f"the response was cut off after {n} bytes ({type(e).__name__}): "
+                           "the server or the transform failed mid-stream") from e
         finally:
             self.conn.close()
 

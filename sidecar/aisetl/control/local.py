@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -42,7 +43,13 @@ from aisetl.control.base import (
     ControlStore,
 )
 from aisetl.model.cluster import BucketInfo, TargetInfo
-from aisetl.model.errors import BucketExists, BucketNotFound, EtlExists, EtlNotFound
+from aisetl.model.errors import (
+    BucketExists,
+    BucketNotFound,
+    EtlExists,
+    EtlNotFound,
+    InvalidRequest,
+)
 from aisetl.model.etl import document_name
 
 
@@ -70,6 +77,17 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+
+
+def _key(name: str) -> str:
+    """A record name that is safe as a file name (no '/', no '..')."""
+    if not _KEY.match(name) or ".." in name:
+        raise InvalidRequest(f"{name!r} is not a valid record name: use letters, digits, "
+                             "'_', '-' and '.'", field="id")
+    return name
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -128,13 +146,17 @@ class LocalControlStore(ControlStore):
 
     # --- ETL declarations ----------------------------------------------------------
     def _etl_path(self, etl_id: str) -> Path:
-        return self.dirs[ETLS] / f"{document_name(etl_id)}.yaml"
+        return self.dirs[ETLS] / f"{_key(document_name(etl_id))}.yaml"
 
     async def create_etl(self, doc: dict[str, Any]) -> None:
         etl_id = doc["data"]["id"]
-        if not _create_exclusive(self._etl_path(etl_id), yaml.safe_dump(doc).encode()):
-            raise EtlExists(f"ETL {etl_id!r} already exists: stop it first "
-                            f"(ais etl stop {etl_id}) or choose another name", etl=etl_id)
+        path = self._etl_path(etl_id)
+        if not _create_exclusive(path, yaml.safe_dump(doc).encode()):
+            other = ((self._read_etl(path) or {}).get("data") or {}).get("id", etl_id)
+            same = "" if other == etl_id else \
+                f" as {other!r} (IDs compare case-insensitively, '_' equals '-')"
+            raise EtlExists(f"ETL {etl_id!r} already exists{same}: stop it first "
+                            f"(ais etl stop {other}) or choose another name", etl=etl_id)
 
     async def delete_etl(self, etl_id: str) -> None:
         path = self._etl_path(etl_id)
@@ -158,6 +180,7 @@ class LocalControlStore(ControlStore):
         return [d for d in docs if d]
 
     async def put_etl_status(self, etl_id: str, target_id: str, status: dict[str, Any]) -> None:
+        _key(target_id)
         if not self._etl_path(etl_id).exists():
             return  # stopped meanwhile: leave no status behind
         d = self.dirs[ETL_STATUS] / etl_id
@@ -165,6 +188,7 @@ class LocalControlStore(ControlStore):
         _write_atomic(d / f"{target_id}.json", json.dumps(status).encode())
 
     async def etl_statuses(self, etl_id: str) -> dict[str, dict[str, Any]]:
+        _key(etl_id)
         out = {}
         for p in sorted((self.dirs[ETL_STATUS] / etl_id).glob("*.json")):
             d = _read_json(p)
@@ -174,10 +198,13 @@ class LocalControlStore(ControlStore):
 
     # --- offline jobs ----------------------------------------------------------------
     async def put_xaction(self, xid: str, record: dict[str, Any]) -> None:
-        _write_atomic(self.dirs[XACTIONS] / f"{xid}.json", json.dumps(record).encode())
+        _write_atomic(self.dirs[XACTIONS] / f"{_key(xid)}.json", json.dumps(record).encode())
 
     async def get_xaction(self, xid: str) -> dict[str, Any] | None:
-        return _read_json(self.dirs[XACTIONS] / f"{xid}.json")
+        try:
+            return _read_json(self.dirs[XACTIONS] / f"{_key(xid)}.json")
+        except InvalidRequest:
+            return None
 
     async def list_xactions(self) -> list[dict[str, Any]]:
         recs = (_read_json(p) for p in sorted(self.dirs[XACTIONS].glob("*.json")))

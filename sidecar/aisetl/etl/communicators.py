@@ -15,11 +15,13 @@ transformers alive between requests.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -38,9 +40,13 @@ from aisetl.storage.objects import ObjectStore
 HPUSH_CHUNK = 256 << 10
 
 
-async def file_chunks(path: Path, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
-    """A file's bytes in chunks (page-cache reads of 1 MiB take well under 1 ms)."""
-    with open(path, "rb") as f:
+async def file_chunks(src: Path | BinaryIO, chunk_size: int = CHUNK_SIZE
+                      ) -> AsyncIterator[bytes]:
+    """A file's bytes in chunks (page-cache reads of 1 MiB take well under 1 ms).
+
+    ``src`` is a path or an open file, which is closed when the generator ends.
+    """
+    with open(src, "rb") if isinstance(src, Path) else src as f:
         while chunk := f.read(chunk_size):
             yield chunk
 
@@ -71,11 +77,15 @@ async def open_transform(session: aiohttp.ClientSession, t: Transformer, comm_ty
     hpull is treated as hrev here: this is for callers that want the bytes
     themselves (offline jobs), not a redirect.
     """
+    f: BinaryIO | None = None
     try:
         if comm_type == "hpush://":
-            path = store.path(bucket, obj)
-            size = store.head(bucket, obj).size
-            cm = session.post(t.endpoint + "/", data=file_chunks(path, HPUSH_CHUNK),
+            store.head(bucket, obj)  # a clear 404 for a missing object
+            # size and bytes from one open file: a PUT that replaces the object
+            # meanwhile must not make Content-Length and the body disagree
+            f = open(store.path(bucket, obj), "rb")
+            size = os.fstat(f.fileno()).st_size
+            cm = session.post(t.endpoint + "/", data=file_chunks(f, HPUSH_CHUNK),
                               headers={"Content-Length": str(size),
                                        "Content-Type": "application/octet-stream"})
         else:
@@ -88,6 +98,9 @@ async def open_transform(session: aiohttp.ClientSession, t: Transformer, comm_ty
         raise UpstreamError(f"ETL {etl_id}: transformer at {t.endpoint} failed while "
                             f"transforming {bucket}/{obj}: {e or type(e).__name__}",
                             etl=etl_id, bucket=bucket, object=obj) from e
+    finally:
+        if f is not None:
+            f.close()
 
 
 class InlineTransformer:

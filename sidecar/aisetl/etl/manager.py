@@ -33,7 +33,11 @@ log = structlog.get_logger("etl")
 
 
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it, without swallowing our own cancellation."""
+    """Cancel ``task`` and wait for it, without swallowing our own cancellation.
+
+    An exception the task ended with is logged, not raised: stopping must
+    always finish, or one broken ETL would block every later reconcile.
+    """
     task.cancel()
     try:
         await task
@@ -41,6 +45,15 @@ async def cancel_and_wait(task: asyncio.Task[None]) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
+    except Exception:
+        log.exception("ETL supervisor had failed", task=task.get_name())
+
+
+async def _stop_quietly(t: Transformer, etl_id: str) -> None:
+    try:
+        await t.stop()
+    except Exception:
+        log.exception("could not stop transformer", etl=etl_id)
 
 
 @dataclass
@@ -113,7 +126,7 @@ class EtlManager:
         if slot.task is not None:
             await cancel_and_wait(slot.task)
         if slot.transformer is not None:
-            await slot.transformer.stop()
+            await _stop_quietly(slot.transformer, etl_id)
         self.metrics.etl_ready.labels(etl_id).set(0)
         if self.slots.get(etl_id) is slot:
             del self.slots[etl_id]
@@ -145,11 +158,12 @@ class EtlManager:
                 t = await self.orchestrator.start(decl, self.ctx)
                 slot.transformer = t
                 await t.wait_ready(decl.wait_timeout_seconds)
-            except AisError as e:
-                reason = e.message
-                log.warning("transformer failed to start", etl=decl.id, reason=e.message)
+            except Exception as e:  # AisError, or a bug below us: report it, never die silently
+                reason = e.message if isinstance(e, AisError) else f"{type(e).__name__}: {e}"
+                log.warning("transformer failed to start", etl=decl.id, reason=reason,
+                            exc_info=not isinstance(e, AisError))
                 if t is not None:
-                    await t.stop()
+                    await _stop_quietly(t, decl.id)
                 slot.transformer = None
                 await self._report(decl.id, EtlStatus(FAILED, reason, restarts,
                                                        fingerprint=slot.fingerprint,
@@ -166,11 +180,14 @@ class EtlManager:
             self.metrics.etl_ready.labels(decl.id).set(1)
             await self._report(decl.id, EtlStatus(READY, "", restarts, t.endpoint,
                                                   slot.fingerprint, self.clock()))
-            why = await t.wait_exit()
+            try:
+                why = await t.wait_exit()
+                tail = await t.logs(10)
+            except Exception as e:  # the orchestrator lost track of it: start afresh
+                why, tail = f"lost track of the transformer: {type(e).__name__}: {e}", ""
             slot.ready.clear()
             self.metrics.etl_ready.labels(decl.id).set(0)
-            tail = await t.logs(10)
-            await t.stop()
+            await _stop_quietly(t, decl.id)
             slot.transformer = None
             restarts += 1
             self.metrics.etl_restarts.labels(decl.id).inc()

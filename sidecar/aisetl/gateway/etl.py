@@ -28,6 +28,7 @@ from aiohttp import web
 from aisetl.control.base import ControlStore
 from aisetl.gateway.app import CONTROL, VIEW, call_target
 from aisetl.model.errors import (
+    Conflict,
     EtlFailed,
     EtlNotFound,
     EtlTimeout,
@@ -80,6 +81,9 @@ async def deploy(request: web.Request, decl: EtlDeclaration) -> web.Response:
     try:
         while True:
             targets = [t.id for t in view.targets]
+            if not any((d.get("data") or {}).get("id") == decl.id
+                       for d in await control.list_etls()):
+                raise Conflict(f"ETL {decl.id} was stopped while it was starting", etl=decl.id)
             statuses = await _statuses(control, decl.id, fp)
             state, reasons = overall(statuses, targets)
             if state == READY:

@@ -48,6 +48,7 @@ ETL_LABEL = "aisetl.io/etl"
 PART_OF = "app.kubernetes.io/part-of"
 MAX_CODE_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB in all
 
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _B64 = re.compile(r"^[A-Za-z0-9+/\r\n]+={0,2}\s*$")
 
 
@@ -339,6 +340,10 @@ def _parse_pod(spec: str) -> tuple[Container, str]:
         if not isinstance(item, dict) or not item.get("name"):
             raise InvalidSpec(f"spec.containers[0].env[{i}]: each entry needs a 'name'",
                               field="spec.containers[0].env")
+        if not ENV_NAME_RE.match(str(item["name"])):
+            raise InvalidSpec(f"spec.containers[0].env[{i}].name: {item['name']!r} is not a valid "
+                              "environment variable name: use letters, digits and '_', not "
+                              "starting with a digit", field=f"spec.containers[0].env[{i}].name")
         if "value" in item:
             env[str(item["name"])] = str(item["value"])
     for key in ("command", "args"):

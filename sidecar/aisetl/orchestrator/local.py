@@ -146,7 +146,14 @@ async def install_dependencies(runtime: str, deps: str, cache_dir: Path,
         return final
     lock_fd = os.open(root / f"{runtime}-{key}.lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+        # poll a non-blocking lock: a cancelled waiter must not leave a thread
+        # behind that takes the lock later and starts pip for a stopped ETL
+        while True:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.2)
         if (final / ".complete").exists():
             return final
         staging = root / f".{runtime}-{key}.{uuid.uuid4().hex[:8]}"
@@ -158,12 +165,15 @@ async def install_dependencies(runtime: str, deps: str, cache_dir: Path,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError as e:
-            proc.kill()
-            await proc.wait()
+        except BaseException as e:  # timed out, or cancelled because the ETL was stopped
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
             shutil.rmtree(staging, ignore_errors=True)
-            raise EtlTimeout(f"dependencies did not install within {timeout:g}s "
-                             "(wait_timeout): raise wait_timeout or trim the list") from e
+            if isinstance(e, TimeoutError):
+                raise EtlTimeout(f"dependencies did not install within {timeout:g}s "
+                                 "(wait_timeout): raise wait_timeout or trim the list") from e
+            raise
         if proc.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
             msg = "\n".join(line for line in out.decode(errors="replace").splitlines()
@@ -308,7 +318,11 @@ class ContainerOrchestrator(Orchestrator):
                 env=env, host_port=port, container_port=c.port,
                 labels={self.LABEL_TARGET: _target_label(ctx), "aisetl.etl": decl.id})
         except engines.ContainerEngineError as e:
+            await asyncio.shield(_remove_quietly(engine, name))
             raise EtlFailed(f"container {name} did not start: {e}", etl=decl.id) from e
+        except BaseException:  # cancelled (ETL stopped) mid-run: a container may exist
+            await asyncio.shield(_remove_quietly(engine, name))
+            raise
         return ContainerTransformer(decl.id, engine, container, port,
                                     _probe_path(decl.spec), self.session)
 
@@ -317,6 +331,11 @@ class ContainerOrchestrator(Orchestrator):
         if engine is not None:
             with contextlib.suppress(engines.ContainerEngineError):
                 await engine.remove_labelled(self.LABEL_TARGET, _target_label(ctx))
+
+
+async def _remove_quietly(engine: engines.ContainerEngine, name: str) -> None:
+    with contextlib.suppress(engines.ContainerEngineError):
+        await engine.remove(name)
 
 
 def _target_label(ctx: TransformerContext) -> str:

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aisetl.model.errors import Conflict, InvalidName, ObjectNotFound
+from aisetl.model.errors import BucketNotFound, Conflict, InvalidName, ObjectNotFound
 from aisetl.model.names import validate_bucket, validate_object
 
 XATTR_CKSUM = "user.aisetl.cksum"
@@ -62,6 +62,9 @@ class ObjectStore:
         for leftover in self.trash.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
         self._xattrs = self._probe_xattrs()
+        # bumped when a bucket's data is destroyed: a PUT that started before
+        # must not recreate the bucket's directory when it commits
+        self._generation: dict[str, int] = {}
 
     def _probe_xattrs(self) -> bool:
         probe = self.tmp / f"probe-{uuid.uuid4().hex}"
@@ -84,6 +87,7 @@ class ObjectStore:
     async def put(self, bucket: str, obj: str, chunks: AsyncIterable[bytes]) -> ObjectMeta:
         """Stream ``chunks`` into ``bucket/obj``; atomic and durable on return."""
         final = self.path(bucket, obj)
+        generation = self._generation.get(bucket, 0)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         crc = 0
         size = 0
@@ -103,7 +107,10 @@ class ObjectStore:
                     os.setxattr(fd, XATTR_CKSUM, cksum.encode())
             finally:
                 os.close(fd)
-            self._install(tmp, final, bucket, obj)
+            if self._generation.get(bucket, 0) != generation:
+                raise BucketNotFound(f"bucket {bucket!r} was destroyed while {obj!r} was "
+                                     "being written: nothing was stored", bucket=bucket)
+            self._install(tmp, final, bucket, obj)  # no await since the check: atomic
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -141,15 +148,21 @@ class ObjectStore:
                 return
             d = d.parent
 
-    def destroy_bucket(self, bucket: str) -> None:
-        """Remove a bucket's data: renamed into trash at once, deleted after."""
+    def destroy_bucket(self, bucket: str) -> Path | None:
+        """Make a bucket's data vanish at once (renamed into trash); return the trash
+        path, which the caller deletes (``shutil.rmtree``, in a thread if large).
+
+        Call it on the event loop thread: it and the commit step of ``put`` must
+        not interleave.
+        """
         validate_bucket(bucket)
+        self._generation[bucket] = self._generation.get(bucket, 0) + 1
         src = self.buckets / bucket
         if not src.exists():
-            return
+            return None
         dst = self.trash / f"{bucket}.{uuid.uuid4().hex[:8]}"
         os.replace(src, dst)
-        shutil.rmtree(dst, ignore_errors=True)
+        return dst
 
     # --- reads -----------------------------------------------------------------------
     def head(self, bucket: str, obj: str) -> ObjectMeta:

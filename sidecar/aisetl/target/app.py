@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -176,7 +177,10 @@ async def list_local(request: web.Request) -> web.Response:
 
 async def destroy_local(request: web.Request) -> web.Response:
     bucket = validate_bucket(request.match_info["bucket"])
-    await asyncio.to_thread(request.app[STORE].destroy_bucket, bucket)
+    request.app[VIEW].buckets.pop(bucket, None)  # next requests re-read the store
+    trash = request.app[STORE].destroy_bucket(bucket)
+    if trash is not None:
+        await asyncio.to_thread(shutil.rmtree, trash, True)
     return web.Response(status=200)
 
 
