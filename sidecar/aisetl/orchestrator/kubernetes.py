@@ -410,6 +410,10 @@ class KubernetesOrchestrator(Orchestrator):
         except KubeError as e:
             raise EtlFailed(f"transformer pod {pod['metadata']['name']} was refused by the "
                             f"API server: {e}", etl=decl.id) from e
+        except BaseException:  # cancelled (ETL stopped) mid-call: the pod may exist
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.delete_pod(pod["metadata"]["name"]))
+            raise
         log.info("transformer pod created", etl=decl.id, pod=pod["metadata"]["name"],
                  node=pod["spec"]["nodeName"])
         return PodTransformer(self, decl.id, pod["metadata"]["name"], port)
