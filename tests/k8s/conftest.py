@@ -14,6 +14,10 @@ transformer must really answer, the test runs the python3 runtime server on a
 free loopback port, and the pod "gets" podIP 127.0.0.1 with the orchestrator's
 runtime port set to that free port, so the target addresses the real server.
 
+``daemonset_controller`` (per test): a second kube-controller-manager with only
+the DaemonSet controller, on the same API server, for the test that wants real
+DaemonSet rollouts (``controller_manager`` starts one for any controller list).
+
 ``ns`` (per test): a fresh namespace with its ``default`` ServiceAccount, and an
 admin ``Kube`` for it; deleted after the test.
 """
@@ -26,9 +30,11 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +165,64 @@ def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane
                        capture_output=True, timeout=120, check=False)
         for _proc, log in cp.restarted:
             log.close()
+
+
+@contextlib.contextmanager
+def controller_manager(cp: ControlPlane, controllers: str,
+                       timeout: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
+    """A second kube-controller-manager on the shared API server running only
+    ``controllers`` (e.g. ``daemonset``), for as long as the ``with`` block.
+
+    The session's controller-manager runs the controllers every test needs
+    (``AISETL_KCM_CONTROLLERS``); controllers that act on objects several tests
+    create (a DaemonSet puts pods on every matching Node) run only inside the
+    test that wants them. Same binary and credentials; stopped with SIGTERM
+    (SIGKILL after 15 s)."""
+    argv0 = Path(f"/proc/{cp._pid('kube-apiserver')}/cmdline").read_bytes().split(b"\0")[0]
+    binary = Path(argv0.decode()).parent / "kube-controller-manager"
+    require(binary.is_file(), "kube-controller-manager", "hack/k8s-binaries.sh")
+    port = free_port()
+    log_path = cp.dir / "logs" / f"kube-controller-manager-{controllers.replace(',', '-')}.log"
+    cert_dir = cp.dir / f"kcm-{port}"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([
+            str(binary), "--kubeconfig", str(cp.dir / "pki" / "kcm.kubeconfig"),
+            "--bind-address", "127.0.0.1", "--secure-port", str(port),
+            "--cert-dir", str(cert_dir), "--leader-elect=false", "--controllers", controllers,
+            "--use-service-account-credentials=false", "--profiling=false", "--v", "1"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE  # its self-signed serving cert; loopback only
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"kube-controller-manager exited; see {log_path}"
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz",
+                                            context=tls, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"kube-controller-manager not healthy: {log_path}"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(15)
+
+
+@pytest.fixture
+def daemonset_controller(apiserver: ControlPlane) -> Iterator[subprocess.Popen[bytes]]:
+    """The DaemonSet controller (real, from kube-controller-manager) for one test."""
+    with controller_manager(apiserver, "daemonset") as proc:
+        yield proc
 
 
 @dataclass
