@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sidecar"))
 
 from tests.support.cluster import LocalCluster, free_port  # noqa: E402
+from tests.support.memory import RssSampler  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 HOST = "127.0.0.1"
@@ -544,38 +544,6 @@ async def bench_runtime(plan: Plan, rows: list[Row], work: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- memory
-class RssSampler:
-    """Peak summed RSS of groups of processes, sampled every 20 ms in a thread."""
-
-    def __init__(self, groups: dict[str, list[psutil.Process]]) -> None:
-        self.groups = groups
-        self.base = {k: self._rss(v) for k, v in groups.items()}
-        self.peak = dict(self.base)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _rss(procs: list[psutil.Process]) -> int:
-        total = 0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            for k, v in self.groups.items():
-                self.peak[k] = max(self.peak[k], self._rss(v))
-
-    def __enter__(self) -> RssSampler:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def transformer_procs(target: psutil.Process, etl: str) -> list[psutil.Process]:
     out = []
     for p in target.children(recursive=True):

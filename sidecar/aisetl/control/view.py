@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from aisetl.aio import cancel_and_wait
 from aisetl.control.base import BUCKETS, TARGETS, ControlStore
 from aisetl.model import placement
 from aisetl.model.cluster import BucketInfo, TargetInfo
@@ -72,13 +73,7 @@ class ClusterView:
 
     @staticmethod
     async def stop(task: asyncio.Task[None]) -> None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # we are being cancelled ourselves: do not swallow it
+        await cancel_and_wait(task)
 
     async def wait_change(self, timeout: float) -> None:
         """Sleep until the store reports any change, or ``timeout`` passes."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from aisetl.aio import cancel_and_wait
 from aisetl.control.base import ETLS, ControlStore
 from aisetl.model.errors import AisError, EtlNotFound, InvalidSpec, Unavailable
 from aisetl.model.etl import EtlDeclaration, from_document
@@ -30,23 +31,6 @@ from aisetl.orchestrator.base import Orchestrator, Transformer, TransformerConte
 from aisetl.settings import EtlSettings
 
 log = structlog.get_logger("etl")
-
-
-async def cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it, without swallowing our own cancellation.
-
-    An exception the task ended with is logged, not raised: stopping must
-    always finish, or one broken ETL would block every later reconcile.
-    """
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:
-        log.exception("ETL supervisor had failed", task=task.get_name())
 
 
 async def _stop_quietly(t: Transformer, etl_id: str) -> None:

@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import aiohttp
 import structlog
 
+from aisetl.aio import cancel_and_wait
 from aisetl.control.base import ETLS, XACTIONS, ControlStore
 from aisetl.control.view import ClusterView
 from aisetl.etl.communicators import open_transform
@@ -157,9 +158,7 @@ class OfflineJob:
                 w.cancel()
             if self._workers:
                 await asyncio.wait(self._workers)
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+            await cancel_and_wait(reporter)
             m.xactions_running.labels(KIND).dec()
             if p.finished:
                 await asyncio.shield(self._save())

@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from aisetl.aio import cancel_and_wait
 from aisetl.model.errors import EtlFailed, EtlTimeout
 from aisetl.model.etl import EtlDeclaration
 from aisetl.orchestrator import engine as engines
@@ -276,9 +277,7 @@ class ContainerTransformer(Transformer):
         if self._stopped:
             return
         self._stopped = True
-        self._exit.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._exit
+        await cancel_and_wait(self._exit)
         with contextlib.suppress(engines.ContainerEngineError):
             await self.engine.remove(self.container, grace=1)
 

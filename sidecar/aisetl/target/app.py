@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from aisetl.aio import cancel_and_wait
 from aisetl.control.base import ControlStore
 from aisetl.control.view import ClusterView
 from aisetl.etl.communicators import InlineTransformer, serve_raw, session_for_transformers
@@ -206,9 +207,7 @@ async def _heartbeat(app: web.Application) -> AsyncIterator[None]:
     await control.heartbeat(me)
     task = asyncio.create_task(beat(), name="heartbeat")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     with contextlib.suppress(Exception):
         await control.leave(me.id)
 

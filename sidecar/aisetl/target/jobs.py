@@ -13,7 +13,6 @@ abort when the ETL is stopped), so these routes are the fast path only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from aisetl.aio import cancel_and_wait
 from aisetl.etl.offline import OfflineJob, OfflineJobs
 from aisetl.model.errors import InvalidRequest
 from aisetl.model.xaction import Job, is_job_record
@@ -90,9 +90,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.create_task(jobs.loop(), name="offline-jobs")
     jobs.poke()  # resume what this target was doing before it restarted
     yield
-    loop.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await loop
+    await cancel_and_wait(loop)
     await jobs.close()
     await peers.close()
 
