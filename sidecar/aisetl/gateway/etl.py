@@ -48,6 +48,7 @@ from aisetl.model.reconcile import FAILED, READY, EtlStatus, fingerprint, overal
 log = structlog.get_logger("gateway.etl")
 
 STARTUP_GRACE = 15.0  # seconds on top of wait_timeout for targets to notice and report
+FAILURE_GRACE = 5.0  # after a first Failed, how long to wait for the other targets' reasons
 
 
 async def _find(control: ControlStore, etl_id: str) -> dict[str, Any]:
@@ -78,6 +79,7 @@ async def deploy(request: web.Request, decl: EtlDeclaration) -> web.Response:
     log.info("ETL declared; waiting for targets", kind=decl.kind, wait_timeout=decl.wait_timeout)
     deadline = time.monotonic() + decl.wait_timeout_seconds + STARTUP_GRACE
     ok = False
+    failed_at = 0.0
     try:
         while True:
             targets = [t.id for t in view.targets]
@@ -90,17 +92,23 @@ async def deploy(request: web.Request, decl: EtlDeclaration) -> web.Response:
                 ok = True
                 return web.Response(text=decl.id + "\n")
             if state == FAILED:
-                errors = {s.error for s in statuses.values() if s.state == FAILED}
-                cls = EtlTimeout if errors == {"EtlTimeout"} else EtlFailed
-                raise cls(f"ETL {decl.id} failed to start:\n" + "\n".join(reasons),
-                          etl=decl.id)
+                # give the other targets a moment to report too: the answer names
+                # every target's reason, not only the first one's
+                failed_at = failed_at or time.monotonic()
+                pending = [t for t in targets
+                           if statuses.get(t, EtlStatus()).state not in (READY, FAILED)]
+                if not pending or time.monotonic() - failed_at >= FAILURE_GRACE:
+                    errors = {s.error for s in statuses.values() if s.state == FAILED}
+                    cls = EtlTimeout if errors == {"EtlTimeout"} else EtlFailed
+                    raise cls(f"ETL {decl.id} failed to start:\n" + "\n".join(reasons),
+                              etl=decl.id)
             left = deadline - time.monotonic()
             if left <= 0:
                 waiting = [t for t in targets if statuses.get(t, EtlStatus()).state != READY]
                 raise EtlTimeout(f"ETL {decl.id} was not ready within {decl.wait_timeout} "
                                  f"(wait_timeout) on targets {', '.join(waiting)}",
                                  etl=decl.id)
-            await view.wait_change(min(left, 1.0))
+            await view.wait_change(min(left, 0.2 if failed_at else 1.0))
     finally:
         if not ok:
             # failed, timed out, or the client went away: leave nothing behind
