@@ -2,15 +2,17 @@
 # The whole test suite on a fresh machine, in one command:
 #   ./hack/test.sh [PYTEST ARGS...]
 # Installs what the tests need (the package with its test extras, podman and the
-# locally built images), checks style, types and layering, then runs pytest.
-# Takes a few minutes; the first run on a new machine adds about a minute for
-# packages and images. CI (.ci/run) runs exactly this with CI=true, where a
+# locally built images, a wheelhouse, helm/kubectl, and etcd + kube-apiserver +
+# kube-controller-manager built from the Go module proxy into ~/.cache/aisetl),
+# checks style, types and layering, then runs pytest. About 4 minutes of tests;
+# the first run on a new machine adds about 9 minutes (7 of them the Kubernetes
+# binaries, built once and cached). CI (.ci/run) runs exactly this with CI=true, where a
 # test whose prerequisite is missing fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
