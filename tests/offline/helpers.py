@@ -12,16 +12,11 @@ from typing import Any
 import aiohttp
 
 from aisetl.model import placement
+from tests.etl.helpers import MD5_CODE
+from tests.etl.helpers import build as build_etl
 from tests.support.cluster import LocalCluster, http, wait_until
 
-MD5_CODE = """\
-import hashlib
-
-def transform(input_bytes):
-    md5 = hashlib.md5()
-    md5.update(input_bytes)
-    return md5.hexdigest().encode()
-"""
+__all__ = ["MD5_CODE", "build"]
 
 # Fails on objects whose content starts with b"bad"; otherwise md5.
 FLAKY_CODE = """\
@@ -48,11 +43,9 @@ def md5(data: bytes) -> bytes:
 
 
 def build(c: LocalCluster, code: str, etl_id: str, **extra: Any) -> str:
-    body = json.dumps({"code": code, "runtime": "python3", "id": etl_id, **extra}).encode()
-    status, out, _ = http("POST", c.endpoint + "/v1/etl/build", body,
-                          {"Content-Type": "application/json"}, timeout=180)
+    status, out = build_etl(c, code, id=etl_id, **extra)
     assert status == 200, out
-    return out.decode().strip()
+    return out.strip()
 
 
 def stop_etl(c: LocalCluster, etl_id: str) -> None:
