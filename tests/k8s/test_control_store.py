@@ -125,11 +125,11 @@ async def test_watch_tells_status_changes_from_declaration_changes(ns: Namespace
         w.kinds.clear()
         await s.create_etl(build_doc("w1"))
         await eventually(lambda: ETLS in w.kinds, what="ETLS")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # let trailing events of the create arrive before clearing
         w.kinds.clear()
         await s.put_etl_status("w1", "target-a", {"state": "Ready"})
         await eventually(lambda: ETL_STATUS in w.kinds, what="ETL_STATUS")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a negative check needs a window: no ETLS event within it
         assert ETLS not in w.kinds  # a status report makes no target reconcile
         await s.create_bucket(BucketInfo("b"))
         await s.put_xaction("x", {"id": "x"})
