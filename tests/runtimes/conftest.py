@@ -99,6 +99,18 @@ class RuntimeServer:
         self.seen.update((p.pid, p) for p in found)
         return found
 
+    def live_worker_pids(self) -> set[int]:
+        """PIDs of workers that are running: a worker reaped between the listing
+        and the status read (a race with the parent's waitpid) counts as gone."""
+        live = set()
+        for proc in self.workers():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    live.add(proc.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return live
+
     def tree(self) -> list[psutil.Process]:
         return [psutil.Process(self.proc.pid), *self.workers()]
 

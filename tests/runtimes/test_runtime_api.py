@@ -223,7 +223,7 @@ async def test_dead_worker_is_replaced_and_serving_goes_on(runtime: str, launch:
     first.kill()
     deadline = time.monotonic() + 10
     while True:
-        pids = {p.pid for p in server.workers() if p.status() != psutil.STATUS_ZOMBIE}
+        pids = server.live_worker_pids()
         if len(pids) == 2 and first.pid not in pids:
             break
         assert time.monotonic() < deadline, f"worker not replaced: {pids}"
