@@ -22,7 +22,18 @@ HTTP API:
 - ``GET /<bucket>/<object...>`` (hrev, hpull): the object is read from
   ``$AIS_TARGET_URL/<bucket>/<object>``; a non-200 from there is passed on
   with its status and body text; an unreachable target is a 502.
-- ``GET /health``: 200 ``ok``.
+- ``POST /batch`` (offline jobs): many small objects in one request, each
+  transformed on its own; only with ``transform`` (not ``transform_stream``,
+  whose callers expect streaming). Request body: frames ``name_len (u16) |
+  size (u64) | name | size bytes`` (big-endian) back to back. Response
+  (chunked): one frame per request frame, in order, ``status (u8) | size
+  (u64) | size bytes`` with status 0 = the result, 1 = the transform raised
+  (the bytes are ``<ExceptionType>: <message>``), 2 = the request is broken
+  from here on (the message; nothing follows). A broken first frame is a
+  400. Objects above ``BATCH_MAX_OBJECT`` and names above ``BATCH_MAX_NAME``
+  are refused before they are read.
+- ``GET /health``: 200 ``ok``; with the header ``X-Aisetl-Batch: 1`` when
+  ``POST /batch`` is served (a target only batches when it sees it).
 - A transform that raises: 500 with body ``<ExceptionType>: <message>``, the
   traceback goes to stderr, and the server keeps serving. If a streaming
   transform fails after the response has started, the connection is dropped
@@ -60,6 +71,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -70,6 +82,14 @@ from types import ModuleType
 from typing import Any
 
 READ_CHUNK = 1 << 20
+BATCH_HEADER = "X-Aisetl-Batch"
+BATCH_REQ = struct.Struct(">HQ")
+BATCH_RESP = struct.Struct(">BQ")
+BATCH_OK, BATCH_FAILED, BATCH_BROKEN = 0, 1, 2
+BATCH_MAX_NAME = 4096
+BATCH_MAX_OBJECT = 16 << 20
+BATCH_WRITE = 256 << 10  # response frames are written in pieces of about this size
+BATCH_GROUP, BATCH_GROUP_BYTES = 16, 1 << 20  # objects handed to the executor at once
 STOP_GRACE_SECONDS = 1.5  # parent: SIGTERM to SIGKILL of its workers
 WORKER_GRACE_SECONDS = 0.5  # worker: time in-flight requests get to finish
 USER_MODULE_NAME = "aisetl_user_code"
@@ -259,14 +279,93 @@ def build_app(module: ModuleType, target_url: str, executor: Any) -> Any:
             return web.Response(status=502, text=error_text(exc))
         return await run_plain(data)
 
+    def transform_one(data: bytes) -> tuple[int, bytes | bytearray | memoryview]:
+        """One object of a batch: (status, result or error text); never raises."""
+        assert transform is not None
+        try:
+            return BATCH_OK, as_output(transform(data))
+        except Exception as exc:
+            log("transform failed:\n" + "".join(traceback.format_exception(exc)).rstrip())
+            return BATCH_FAILED, error_text(exc).encode()
+
+    def transform_many(group: list[bytes]) -> list[tuple[int, bytes | bytearray | memoryview]]:
+        return [transform_one(data) for data in group]
+
+    async def read_frame(content: Any, index: int) -> tuple[bytes, bytes] | str | None:
+        """The next (name, data) of a batch; None at its end; a string says what is wrong."""
+        try:
+            head = await content.readexactly(BATCH_REQ.size)
+        except asyncio.IncompleteReadError as exc:
+            return f"frame {index}: body ends inside a frame header" if exc.partial else None
+        name_len, size = BATCH_REQ.unpack(head)
+        if not 0 < name_len <= BATCH_MAX_NAME:
+            return f"frame {index}: name length {name_len} not within 1..{BATCH_MAX_NAME}"
+        if size > BATCH_MAX_OBJECT:
+            return f"frame {index}: object of {size} bytes is above {BATCH_MAX_OBJECT}"
+        try:
+            name = await content.readexactly(name_len)
+            data = await content.readexactly(size) if size else b""
+        except asyncio.IncompleteReadError:
+            return f"frame {index}: body ends inside the frame"
+        return name, data
+
+    async def batch(request: web.Request) -> web.StreamResponse:
+        if transform is None or transform_stream is not None:
+            return web.Response(status=404, text="no batch endpoint: the transform streams")
+        loop = asyncio.get_running_loop()
+        resp: web.StreamResponse | None = None
+        out: list[bytes | bytearray | memoryview] = []
+        pending = 0
+        index = 0
+        done = False
+        while not done:
+            # a few frames at a time per executor call (one thread hand-off per group)
+            group: list[bytes] = []
+            size = 0
+            problem = ""
+            while len(group) < BATCH_GROUP and size < BATCH_GROUP_BYTES:
+                index += 1
+                frame = await read_frame(request.content, index)
+                if frame is None or isinstance(frame, str):
+                    problem, done = frame or "", True
+                    break
+                group.append(frame[1])
+                size += len(frame[1])
+            if problem and resp is None and not group:
+                return web.Response(status=400, text=f"malformed batch: {problem}")
+            if group:
+                if executor is None:
+                    results = transform_many(group)
+                else:
+                    results = await loop.run_in_executor(executor, transform_many, group)
+                for status, result in results:
+                    out += [BATCH_RESP.pack(status, len(result)), result]
+                    pending += len(result)
+            if problem:
+                msg = problem.encode()
+                out += [BATCH_RESP.pack(BATCH_BROKEN, len(msg)), msg]
+            if resp is None and (out or not done):
+                resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+                resp.enable_chunked_encoding()
+                await resp.prepare(request)
+            if resp is not None and out and (pending >= BATCH_WRITE or done):
+                await resp.write(b"".join(out))
+                out, pending = [], 0
+        if resp is None:
+            return web.Response(body=b"", content_type="application/octet-stream")
+        await resp.write_eof()
+        return resp
+
     async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        headers = {BATCH_HEADER: "1"} if transform_stream is None else {}
+        return web.Response(text="ok", headers=headers)
 
     app = web.Application(client_max_size=0)
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/health", health)
     app.router.add_put("/", hpush)
     app.router.add_post("/", hpush)
+    app.router.add_post("/batch", batch)
     app.router.add_get("/{bucket}/{object:.+}", from_target)
     return app
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
+import struct
 
 import aiohttp
 import pytest
@@ -156,3 +158,83 @@ async def test_port_in_use_exits_1_even_if_held_by_another_runtime(launch: Launc
     assert await second.wait_exit() == 1
     assert f"cannot listen on 127.0.0.1:{first.port}" in second.stderr()
     assert first.proc.poll() is None
+
+
+# --- POST /batch (offline jobs): many small objects per request -----------------------------
+BATCH_REQ = struct.Struct(">HQ")
+BATCH_RESP = struct.Struct(">BQ")
+
+
+def batch_body(items: list[tuple[str, bytes]]) -> bytes:
+    return b"".join(BATCH_REQ.pack(len(n.encode()), len(d)) + n.encode() + d for n, d in items)
+
+
+def parse_reply(body: bytes) -> list[tuple[int, bytes]]:
+    out, i = [], 0
+    while i < len(body):
+        status, n = BATCH_RESP.unpack_from(body, i)
+        i += BATCH_RESP.size
+        out.append((status, body[i:i + n]))
+        i += n
+    assert i == len(body), "the reply ends with a whole frame"
+    return out
+
+
+async def test_health_advertises_batch_only_for_a_plain_transform(launch: Launch) -> None:
+    plain = await launch("python3")
+    stream = await launch("python3", IDENTITY_STREAM)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(plain.url + "/health") as resp:
+            assert resp.headers.get("X-Aisetl-Batch") == "1"
+        async with session.get(stream.url + "/health") as resp:
+            assert resp.status == 200 and "X-Aisetl-Batch" not in resp.headers
+        # a streaming transform keeps its contract: no batch endpoint at all
+        async with session.post(stream.url + "/batch", data=batch_body([("b/x", b"x")])) as r:
+            assert r.status == 404
+
+
+async def test_batch_answers_every_object_in_order_and_failures_per_object(
+        launch: Launch) -> None:
+    server = await launch("python3")
+    big = os.urandom(3 << 20)
+    items = [("b/a", b"some text :)\n"), ("b/bad", b"raise:boom"), ("b/empty", b""),
+             ("b/big", big), *((f"b/o{i}", b"%d" % i) for i in range(200))]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/batch",
+                                data=io.BytesIO(batch_body(items))) as resp:
+            assert resp.status == 200
+            frames = parse_reply(await resp.read())
+        # the server goes on serving after a failed object
+        async with session.put(server.url + "/", data=b"abc") as resp:
+            assert await resp.text() == hashlib.md5(b"abc").hexdigest()
+    expected = [(0, hashlib.md5(d).hexdigest().encode()) for _, d in items]
+    expected[1] = (1, b"ValueError: bad input: boom")
+    assert frames == expected
+    assert "ValueError: bad input: boom" in server.stderr()
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (b"\x00", "body ends inside a frame header"),
+    (BATCH_REQ.pack(0, 3) + b"abc", "name length 0"),
+    (BATCH_REQ.pack(3, 17 << 20) + b"b/x", "is above"),  # refused before any read of it
+    (BATCH_REQ.pack(3, 10) + b"b/x" + b"short", "body ends inside the frame"),
+])
+async def test_a_malformed_first_frame_is_a_400(launch: Launch, body: bytes, why: str) -> None:
+    server = await launch("python3")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/batch", data=body) as resp:
+            assert resp.status == 400
+            assert why in await resp.text()
+
+
+async def test_a_batch_broken_after_its_first_frame_ends_with_a_broken_frame(
+        launch: Launch) -> None:
+    server = await launch("python3")
+    body = batch_body([("b/a", b"abc")]) + BATCH_REQ.pack(0, 1)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/batch", data=body) as resp:
+            assert resp.status == 200  # the first answer was already on its way
+            frames = parse_reply(await resp.read())
+    assert frames[0] == (0, hashlib.md5(b"abc").hexdigest().encode())
+    assert frames[1][0] == 2 and b"name length 0" in frames[1][1]
+    assert len(frames) == 2

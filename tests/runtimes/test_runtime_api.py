@@ -90,6 +90,9 @@ async def test_health_answers_ok(runtime: str, launch: Launch) -> None:
     async with aiohttp.ClientSession() as session, session.get(server.url + "/health") as resp:
         assert resp.status == 200
         assert await resp.text() == "ok"
+        # only the python3 runtime serves POST /batch (offline jobs); it says so here,
+        # and a target batches only when it reads this
+        assert resp.headers.get("X-Aisetl-Batch") == ("1" if runtime == "python3" else None)
 
 
 async def test_raising_transform_is_a_500_with_its_message_and_serving_goes_on(
