@@ -11,6 +11,11 @@ extended attributes and renames it into place: a reader sees the old object or
 the new one, never a partial one, and an upload cut off midway leaves only a
 temporary file that is deleted at once (or at the next start-up).
 
+Several small objects can be written together (``ObjectStore.batch``, for
+offline jobs' results): each still goes through its own temporary file and is
+renamed into place on its own, but their fsyncs run in one worker thread and
+the destroyed-bucket check is made once, just before the renames.
+
 Checksums are CRC-32 (zlib, several GB/s): an integrity check, not a content
 address. Reads are served by the caller with sendfile (``FileResponse``).
 """
@@ -26,11 +31,18 @@ import stat
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aisetl.model.errors import BucketNotFound, Conflict, InvalidName, ObjectNotFound
+from aisetl.model.errors import (
+    AisError,
+    BucketNotFound,
+    Conflict,
+    InvalidName,
+    ObjectNotFound,
+    Unavailable,
+)
 from aisetl.model.names import validate_bucket, validate_object
 
 XATTR_CKSUM = "user.aisetl.cksum"
@@ -84,21 +96,37 @@ class ObjectStore:
         return self.buckets / bucket / obj
 
     # --- writes ----------------------------------------------------------------------
+    def _new_tmp(self) -> tuple[Path, int]:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _seal(self, tmp: Path, cksum: str) -> None:
+        """Make a closed temporary file durable, with its checksum (blocking: in a thread,
+        which opens and closes its own descriptor)."""
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if self._xattrs:
+                os.setxattr(fd, XATTR_CKSUM, cksum.encode())
+        finally:
+            os.close(fd)
+
+    def _check_generation(self, bucket: str, generation: int, obj: str) -> None:
+        if self._generation.get(bucket, 0) != generation:
+            raise BucketNotFound(f"bucket {bucket!r} was destroyed while {obj!r} was "
+                                 "being written: nothing was stored", bucket=bucket)
+
     async def put(self, bucket: str, obj: str, chunks: AsyncIterable[bytes]) -> ObjectMeta:
         """Stream ``chunks`` into ``bucket/obj``; atomic and durable on return."""
         final = self.path(bucket, obj)
         generation = self._generation.get(bucket, 0)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        tmp, fd = self._new_tmp()
         crc = 0
         size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
                 async for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
+                    _write_all(fd, chunk)
                     crc = zlib.crc32(chunk, crc)
                     size += len(chunk)
                 await asyncio.to_thread(os.fsync, fd)
@@ -107,14 +135,16 @@ class ObjectStore:
                     os.setxattr(fd, XATTR_CKSUM, cksum.encode())
             finally:
                 os.close(fd)
-            if self._generation.get(bucket, 0) != generation:
-                raise BucketNotFound(f"bucket {bucket!r} was destroyed while {obj!r} was "
-                                     "being written: nothing was stored", bucket=bucket)
+            self._check_generation(bucket, generation, obj)
             self._install(tmp, final, bucket, obj)  # no await since the check: atomic
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return ObjectMeta(obj, size, cksum, time.time())
+
+    def batch(self, bucket: str) -> BatchWrite:
+        """Several small objects of ``bucket`` written together (see ``BatchWrite``)."""
+        return BatchWrite(self, bucket)
 
     def _install(self, tmp: Path, final: Path, bucket: str, obj: str) -> None:
         try:
@@ -238,7 +268,128 @@ class ObjectStore:
                 return names
             start = page[-1].name
 
+    def iter_sizes(self, bucket: str) -> list[tuple[str, int]]:
+        """All (name, size) of a bucket on this target, in name order (offline jobs)."""
+        out: list[tuple[str, int]] = []
+        start = ""
+        while True:
+            page = self.listing(bucket, start_after=start, limit=10_000)
+            out.extend((m.name, m.size) for m in page)
+            if len(page) < 10_000:
+                return out
+            start = page[-1].name
+
     def bucket_dirs(self) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             return sorted(p.name for p in self.buckets.iterdir() if p.is_dir())
         return []
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+@dataclass
+class _Pending:
+    name: str
+    tmp: Path | None = None
+    final: Path | None = None
+    size: int = 0
+    cksum: str = ""
+    error: AisError | None = None
+
+
+class BatchWrite:
+    """Small objects of one bucket, each written like ``ObjectStore.put``, committed together.
+
+    ``add`` writes one object's bytes to its own temporary file at once (no
+    fsync yet); ``commit`` fsyncs every one of them in one worker thread (and
+    records their checksums), checks once that the bucket was not destroyed
+    meanwhile, and renames each into place. Each object is atomic on its own:
+    a reader sees it whole or not at all; an object is only reported written
+    (an ``ObjectMeta`` from ``commit``) after its fsync and rename. Leaving the
+    ``async with`` block without a commit (an error, a cancellation) removes
+    every temporary file: nothing of the batch shows. Files are closed after
+    writing, so a big batch does not hold many descriptors.
+
+    ``commit`` answers ``(name, result)`` in the order of ``add``: an
+    ``ObjectMeta``, or the ``AisError`` of that one object (a name that cannot
+    be stored, a name that clashes with a prefix); a destroyed bucket fails the
+    whole commit (``BucketNotFound``), and so does ``proceed`` answering False
+    right before the renames (the sender went away: ``Unavailable``).
+    """
+
+    def __init__(self, store: ObjectStore, bucket: str) -> None:
+        validate_bucket(bucket)
+        self.store = store
+        self.bucket = bucket
+        self.generation = store._generation.get(bucket, 0)
+        self._items: list[_Pending] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, obj: str, data: bytes | bytearray | memoryview) -> None:
+        try:
+            final = self.store.path(self.bucket, obj)
+        except AisError as e:
+            self._items.append(_Pending(obj, error=e))
+            return
+        tmp, fd = self.store._new_tmp()
+        try:
+            _write_all(fd, data)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self._items.append(_Pending(obj, tmp, final, len(data), f"{zlib.crc32(data):08x}"))
+
+    def _seal_all(self) -> None:
+        for item in self._items:
+            if item.tmp is not None:
+                self.store._seal(item.tmp, item.cksum)
+
+    async def commit(self, proceed: Callable[[], bool] | None = None
+                     ) -> list[tuple[str, ObjectMeta | AisError]]:
+        """Make every added object durable and visible; each one's result, in order."""
+        if any(i.tmp is not None for i in self._items):
+            await asyncio.to_thread(self._seal_all)
+            self.store._check_generation(self.bucket, self.generation, self._items[0].name)
+            if proceed is not None and not proceed():
+                raise Unavailable(f"the sender of {len(self._items)} objects for bucket "
+                                  f"{self.bucket!r} went away: nothing was stored",
+                                  bucket=self.bucket)
+        out: list[tuple[str, ObjectMeta | AisError]] = []
+        now = time.time()
+        # no await from the generation check to the last rename: atomic against
+        # destroy_bucket, as in ObjectStore.put
+        for item in self._items:
+            if item.tmp is None or item.final is None:
+                out.append((item.name, item.error or AisError("not written")))
+                continue
+            try:
+                self.store._install(item.tmp, item.final, self.bucket, item.name)
+            except AisError as e:
+                item.tmp.unlink(missing_ok=True)
+                out.append((item.name, e))
+                continue
+            item.tmp = None
+            out.append((item.name, ObjectMeta(item.name, item.size, item.cksum, now)))
+        self._items = []
+        return out
+
+    def discard(self) -> None:
+        for item in self._items:
+            if item.tmp is not None:
+                item.tmp.unlink(missing_ok=True)
+        self._items = []
+
+    async def __aenter__(self) -> BatchWrite:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.discard()

@@ -3,6 +3,8 @@
 Routes (a gateway redirects clients here; peers call them directly)::
 
     PUT|GET|HEAD|DELETE /v1/objects/<bucket>/<object>   one object
+    PUT    /v1/batch/objects/<bucket>                    several small objects (peers; framing
+                                                         in ``storage.frames``)
     GET    /v1/buckets/<bucket>?prefix=&start_after=&limit=   this target's listing
     DELETE /v1/buckets/<bucket>                          drop this target's data of a bucket
     GET    /v1/etl/objects/<secret>/<bucket>/<object>    raw object (AIS_TARGET_URL)
@@ -33,12 +35,13 @@ from aisetl.control.view import ClusterView
 from aisetl.etl.communicators import InlineTransformer, serve_raw, session_for_transformers
 from aisetl.etl.manager import EtlManager
 from aisetl.model.cluster import TargetInfo
-from aisetl.model.errors import InvalidRequest, ObjectNotFound
+from aisetl.model.errors import AisError, InvalidRequest, ObjectNotFound
 from aisetl.model.names import validate_bucket
 from aisetl.observability.http import METRICS, make_middleware, metrics_handler
 from aisetl.observability.metrics import Metrics
 from aisetl.orchestrator.base import Orchestrator, TransformerContext
 from aisetl.settings import CHUNK_SIZE, TargetSettings
+from aisetl.storage import frames
 from aisetl.storage.objects import CKSUM_TYPE, ObjectStore
 
 log = structlog.get_logger("target")
@@ -72,6 +75,34 @@ async def put_object(request: web.Request) -> web.Response:
     return web.Response(status=200, headers={
         "X-Ais-Checksum-Type": CKSUM_TYPE, "X-Ais-Checksum-Value": meta.checksum,
         "X-Ais-Size": str(meta.size)})
+
+
+async def put_batch(request: web.Request) -> web.Response:
+    """Several small objects in one request (offline jobs send results to their owner).
+
+    Each object is written as by a single PUT (temporary file, fsync, checksum,
+    rename), all of them committed together once the whole body has arrived:
+    a body that breaks off or is malformed (400) installs nothing, and neither
+    does one whose sender went away before the commit (an aborted job). An
+    object is only answered as written after its fsync and rename.
+    """
+    bucket = validate_bucket(request.match_info["bucket"])
+    await request.app[VIEW].bucket(bucket)
+    store = request.app[STORE]
+    async with store.batch(bucket) as batch:
+        async for name, data in frames.read_frames(request.content):
+            batch.add(name, data)
+        results = await batch.commit(lambda: request.transport is not None)
+    m = request.app[METRICS]
+    out: list[dict[str, object]] = []
+    for name, r in results:
+        if isinstance(r, AisError):
+            out.append({"name": name, **r.to_dict()})
+            continue
+        m.object_requests.labels("put").inc()
+        m.object_bytes.labels("put").inc(r.size)
+        out.append({"name": r.name, "size": r.size, "checksum": r.checksum})
+    return web.json_response({"results": out})
 
 
 def _meta_headers(size: int, cksum: str) -> dict[str, str]:
@@ -299,6 +330,7 @@ def create_app(settings: TargetSettings, control: ControlStore, me: TargetInfo,
     app.cleanup_ctx.append(_view)
     app.cleanup_ctx.append(_heartbeat)
     app.router.add_put(OBJ, put_object)
+    app.router.add_put("/v1/batch/objects/{bucket}", put_batch)
     app.router.add_get(OBJ, get_object, allow_head=False)
     app.router.add_head(OBJ, head_object)
     app.router.add_delete(OBJ, delete_object)
