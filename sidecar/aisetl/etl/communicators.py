@@ -11,14 +11,21 @@
 Bodies flow in fixed-size chunks in both directions; nothing here holds a
 whole object. One pooled ``ClientSession`` per target keeps connections to
 transformers alive between requests.
+
+Offline jobs also use a **batch** request (``POST /batch``, many small objects
+in one request, see ``open_batch``) with transformers that advertise it: our
+python3 runtime answers ``GET /health`` with ``X-Aisetl-Batch: 1`` when its
+user code is a plain ``transform``. Nothing else is assumed to speak it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import struct
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -103,6 +110,117 @@ async def open_transform(session: aiohttp.ClientSession, t: Transformer, comm_ty
             f.close()
 
 
+BATCH_HEADER = "X-Aisetl-Batch"
+BATCH_REQ = struct.Struct(">HQ")  # name_len, size; then name, bytes
+BATCH_RESP = struct.Struct(">BQ")  # status, size; then bytes
+BATCH_OK, BATCH_FAILED, BATCH_BROKEN = 0, 1, 2
+
+
+async def supports_batch(session: aiohttp.ClientSession, t: Transformer) -> bool:
+    """Whether ``t`` serves ``POST /batch`` (its /health answer says so explicitly)."""
+    try:
+        async with session.get(t.endpoint + "/health",
+                               timeout=aiohttp.ClientTimeout(total=10)) as r:
+            await r.read()
+            return r.status == 200 and r.headers.get(BATCH_HEADER) == "1"
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise UpstreamError(f"transformer at {t.endpoint} did not answer /health: "
+                            f"{e or type(e).__name__}", endpoint=t.endpoint) from e
+
+
+class BatchUnsupported(Exception):
+    """The transformer refused the batch request as such (not one of its objects)."""
+
+
+class BatchReply:
+    """The transformer's answer to a batch: one frame per object sent, in order."""
+
+    def __init__(self, r: aiohttp.ClientResponse) -> None:
+        self.content = r.content
+
+    async def next(self) -> tuple[int, int]:
+        """(status, size) of the next object's frame; its bytes follow."""
+        head = await self.content.readexactly(BATCH_RESP.size)
+        status, size = BATCH_RESP.unpack(head)
+        if status not in (BATCH_OK, BATCH_FAILED, BATCH_BROKEN):
+            raise BatchUnsupported(f"unknown frame status {status} in the batch reply")
+        return status, size
+
+    async def read(self, n: int) -> bytes:
+        return await self.content.readexactly(n) if n else b""
+
+    async def text(self, n: int, limit: int = 4096) -> str:
+        """A frame's message (at most ``limit`` bytes kept; the rest is skipped)."""
+        head = await self.read(min(n, limit))
+        await self.skip(n - len(head))
+        return head.decode(errors="replace").strip()
+
+    async def chunks(self, n: int) -> AsyncIterator[bytes]:
+        """A frame's ``n`` bytes in chunks (a big result streamed on, never held)."""
+        while n > 0:
+            chunk = await self.content.read(min(n, CHUNK_SIZE))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", n)
+            n -= len(chunk)
+            yield chunk
+
+    async def skip(self, n: int) -> None:
+        async for _ in self.chunks(n):
+            pass
+
+
+def batch_body(items: list[tuple[str, BinaryIO, int]], piece: int = HPUSH_CHUNK
+               ) -> Iterator[bytes]:
+    """A batch request body read from open files, in pieces of about ``piece`` bytes."""
+    parts: list[bytes] = []
+    have = 0
+    for name, f, size in items:
+        raw = name.encode()
+        parts.append(BATCH_REQ.pack(len(raw), size) + raw)
+        data = f.read(size)
+        if len(data) != size:  # files are replaced by rename, never changed in place
+            raise OSError(f"{name}: read {len(data)} of {size} bytes")
+        parts.append(data)
+        have += len(data)
+        if have >= piece:
+            yield b"".join(parts)
+            parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+@asynccontextmanager
+async def open_batch(session: aiohttp.ClientSession, t: Transformer, etl_id: str,
+                     items: list[tuple[str, BinaryIO, int]]) -> AsyncIterator[BatchReply]:
+    """Send small objects (name, open file, size) to ``t`` in one request; its reply.
+
+    The body is read from the files while it is sent. Raises
+    ``BatchUnsupported`` when the transformer refuses the request itself (no
+    such endpoint, 400), ``UpstreamError`` (retryable) when it cannot be
+    reached or answers 5xx.
+    """
+    length = sum(BATCH_REQ.size + len(n.encode()) + size for n, _, size in items)
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in batch_body(items):
+            yield piece
+
+    try:
+        async with session.post(t.endpoint + "/batch", data=body(), headers={
+                "Content-Length": str(length),
+                "Content-Type": "application/octet-stream"}) as r:
+            if r.status != 200:
+                text = (await r.content.read(4096)).decode(errors="replace").strip()
+                msg = f"ETL {etl_id}: transformer answered {r.status} to a batch: {text}"
+                if r.status >= 500:
+                    raise UpstreamError(msg, etl=etl_id)
+                raise BatchUnsupported(msg)
+            yield BatchReply(r)
+    except (TimeoutError, aiohttp.ClientConnectionError) as e:
+        raise UpstreamError(f"ETL {etl_id}: transformer at {t.endpoint} failed during a "
+                            f"batch: {e or type(e).__name__}", etl=etl_id) from e
+
+
 class InlineTransformer:
     """Serves ``GET /v1/objects/<b>/<o>?uuid=ETL`` on a target."""
 
@@ -181,5 +299,6 @@ def session_for_transformers(limit_per_host: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=False)
 
 
-__all__ = ["InlineTransformer", "file_chunks", "open_transform", "serve_raw",
-           "session_for_transformers"]
+__all__ = ["BATCH_BROKEN", "BATCH_FAILED", "BATCH_OK", "BatchReply", "BatchUnsupported",
+           "InlineTransformer", "file_chunks", "open_batch", "open_transform", "serve_raw",
+           "session_for_transformers", "supports_batch"]
