@@ -39,6 +39,7 @@ from aisetl.model.etl import comm_type_label
 from aisetl.observability.metrics import Metrics
 from aisetl.orchestrator.base import Transformer
 from aisetl.settings import CHUNK_SIZE
+from aisetl.storage import frames
 from aisetl.storage.objects import ObjectStore
 
 # Body chunks sent to a transformer. Measured (hack/bench.py --profile, hpush md5
@@ -111,7 +112,6 @@ async def open_transform(session: aiohttp.ClientSession, t: Transformer, comm_ty
 
 
 BATCH_HEADER = "X-Aisetl-Batch"
-BATCH_REQ = struct.Struct(">HQ")  # name_len, size; then name, bytes
 BATCH_RESP = struct.Struct(">BQ")  # status, size; then bytes
 BATCH_OK, BATCH_FAILED, BATCH_BROKEN = 0, 1, 2
 
@@ -175,8 +175,7 @@ def batch_body(items: list[tuple[str, BinaryIO, int]], piece: int = HPUSH_CHUNK
     parts: list[bytes] = []
     have = 0
     for name, f, size in items:
-        raw = name.encode()
-        parts.append(BATCH_REQ.pack(len(raw), size) + raw)
+        parts.append(frames.frame_header(name, size))  # the same framing as between targets
         data = f.read(size)
         if len(data) != size:  # files are replaced by rename, never changed in place
             raise OSError(f"{name}: read {len(data)} of {size} bytes")
@@ -199,7 +198,7 @@ async def open_batch(session: aiohttp.ClientSession, t: Transformer, etl_id: str
     such endpoint, 400), ``UpstreamError`` (retryable) when it cannot be
     reached or answers 5xx.
     """
-    length = sum(BATCH_REQ.size + len(n.encode()) + size for n, _, size in items)
+    length = sum(frames.HEADER.size + len(n.encode()) + size for n, _, size in items)
 
     async def body() -> AsyncIterator[bytes]:
         for piece in batch_body(items):
