@@ -171,21 +171,17 @@ class BatchReply:
 
 def batch_body(items: list[tuple[str, BinaryIO, int]], piece: int = HPUSH_CHUNK
                ) -> Iterator[bytes]:
-    """A batch request body read from open files, in pieces of about ``piece`` bytes."""
-    parts: list[bytes] = []
-    have = 0
-    for name, f, size in items:
-        parts.append(frames.frame_header(name, size))  # the same framing as between targets
-        data = f.read(size)
-        if len(data) != size:  # files are replaced by rename, never changed in place
-            raise OSError(f"{name}: read {len(data)} of {size} bytes")
-        parts.append(data)
-        have += len(data)
-        if have >= piece:
-            yield b"".join(parts)
-            parts, have = [], 0
-    if parts:
-        yield b"".join(parts)
+    """A batch request body read from open files, in pieces of about ``piece`` bytes
+    (the same framing as between targets: ``storage.frames``)."""
+
+    def read_all() -> Iterator[tuple[str, bytes]]:
+        for name, f, size in items:
+            data = f.read(size)
+            if len(data) != size:  # files are replaced by rename, never changed in place
+                raise OSError(f"{name}: read {len(data)} of {size} bytes")
+            yield name, data
+
+    return frames.encode(read_all(), piece)
 
 
 @asynccontextmanager

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Protocol
 
 from aisetl.model.errors import InvalidRequest
@@ -54,7 +54,7 @@ def body_length(items: list[tuple[str, bytes]]) -> int:
     return sum(HEADER.size + len(name.encode()) + len(data) for name, data in items)
 
 
-def encode(items: list[tuple[str, bytes]], piece: int = 256 << 10) -> Iterator[bytes]:
+def encode(items: Iterable[tuple[str, bytes]], piece: int = 256 << 10) -> Iterator[bytes]:
     """A body of objects already in memory, in pieces of about ``piece`` bytes
     (few socket writes for many tiny objects, no copy of the whole body)."""
     parts: list[bytes] = []
